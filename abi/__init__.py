@@ -1,0 +1,1 @@
+"""Slicefab device ABI: message formats, opcodes, return codes, register map. No I/O."""

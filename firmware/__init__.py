@@ -1,0 +1,1 @@
+"""Slicefab firmware: the Resource Allocation Manager of the emulated offload device."""

@@ -1,0 +1,465 @@
+"""``slicefab``: the command line of the firmware and its administrator.
+
+Every command that needs device state talks to the daemon (``slicefab serve``) over its
+admin socket when one is running on the state directory; otherwise it opens the state
+directory in-process (recovering the ledger and programming the behavioural fabric), does
+its work and closes it. Both paths go through the same dispatch table (firmware.service).
+
+Exit status: 0 success, 1 the device refused the request (the error says why), 2 bad usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from firmware.errors import SlicefabError
+from firmware.inventory import load_device
+from firmware.manager import StateDir, default_state_dir, open_manager
+from firmware.service import AdminClient, AdminServer, LocalClient
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+class CommandError(Exception):
+    """The device answered with an error: print it, exit 1."""
+
+    def __init__(self, error: dict[str, Any]) -> None:
+        super().__init__(error.get("message", "error"))
+        self.error = error
+
+
+Client = AdminClient | LocalClient
+
+
+def connect(args: argparse.Namespace) -> Client:
+    """The running daemon of the state directory, else the state directory in-process."""
+    state = StateDir(args.state_dir)
+    if state.socket.exists():
+        try:
+            return AdminClient(state.socket)
+        except (ConnectionRefusedError, FileNotFoundError):
+            pass  # a stale socket from a daemon that died: work in-process
+    return LocalClient(open_manager(state, args.device))
+
+
+def call(
+    client: Client, op: str, args: dict[str, Any] | None = None, request_id: str | None = None
+) -> Any:
+    answer = client.call(op, args, request_id)
+    if not answer["ok"]:
+        raise CommandError(answer["error"])
+    return answer["result"]
+
+
+def emit_json(obj: object) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+# ---------------------------------------------------------------------- commands
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    state = StateDir(args.state_dir)
+    manager = open_manager(state, args.device)
+    server = AdminServer(state.socket, manager)
+    stop = threading.Event()
+
+    def shutdown(signum: int, frame: object) -> None:
+        stop.set()
+        threading.Thread(target=server.shutdown, daemon=True).start()
+
+    signal.signal(signal.SIGTERM, shutdown)
+    signal.signal(signal.SIGINT, shutdown)
+    n = len(manager.allocator.slices)
+    print(
+        f"slicefab: serving device {manager.device.name} on {state.socket} "
+        f"({n} slice{'s' if n != 1 else ''} recovered, fabric generation "
+        f"{manager.fabric.generation})",
+        flush=True,
+    )
+    try:
+        server.serve_forever(poll_interval=0.2)
+    finally:
+        server.server_close()
+        state.socket.unlink(missing_ok=True)
+        manager.close()
+        state.unlock()
+    return 0
+
+
+def cmd_device_show(args: argparse.Namespace) -> int:
+    dev = load_device(args.device)
+    summary = dev.summary()
+    if args.json:
+        emit_json(summary)
+        return 0
+    from rich.table import Table
+
+    t = Table(title=f"Device {dev.name} — {dev.model}", title_justify="left", show_header=False)
+    t.add_column("what", style="bold")
+    t.add_column("value")
+    t.add_row(
+        "cores", f"{dev.cores} in {len(dev.cluster_sizes)} clusters of {dev.cluster_sizes[0]}"
+    )
+    t.add_row(
+        "memory",
+        f"{summary['memory']['size']} in {dev.granules} granules of "
+        f"{summary['memory']['granule']} (≤ {dev.max_extents_per_slice} extents a slice)",
+    )
+    t.add_row(
+        "PCIe lanes",
+        f"{dev.lanes} in {len(dev.port_lanes)} ports: "
+        + ", ".join(f"x{n}" for n in dev.port_lanes),
+    )
+    for e in dev.endpoints:
+        t.add_row(
+            f"  endpoint {e.name}",
+            f"{e.kind}, port {e.port}, lanes {e.first_lane}-"
+            f"{e.first_lane + e.width - 1} (x{e.width})",
+        )
+    t.add_row("protection keys", str(dev.keys))
+    t.add_row(
+        "crossbar",
+        f"{dev.crossbar.ports} ports at {summary['crossbar']['port_bandwidth']}, "
+        f"{dev.crossbar.data_width_bits}-bit at {dev.crossbar.clock_mhz} MHz",
+    )
+    t.add_row("fingerprint", dev.fingerprint())
+    console.print(t)
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from firmware.views import utilisation_table
+
+    client = connect(args)
+    try:
+        st = call(client, "status")
+        dev = call(client, "device")
+    finally:
+        client.close()
+    if args.json:
+        emit_json(st)
+        return 0
+    console.print(
+        f"[bold]{st['device']}[/]: {st['slices']} live slices, fabric generation "
+        f"{st['fabric']['generation']}, ledger {st['ledger']['path']}"
+    )
+    console.print(utilisation_table(st["utilisation"], _granule(dev)))
+    return 0
+
+
+def _granule(dev_summary: dict[str, Any]) -> int:
+    return int(dev_summary["memory"]["bytes"] // dev_summary["memory"]["granules"])
+
+
+def cmd_slices_list(args: argparse.Namespace) -> int:
+    from firmware.views import slice_table
+
+    client = connect(args)
+    try:
+        slices = call(client, "list", {"owner": args.owner} if args.owner else {})
+    finally:
+        client.close()
+    if args.json:
+        emit_json(slices)
+    else:
+        console.print(slice_table(slices))
+    return 0
+
+
+def cmd_slices_show(args: argparse.Namespace) -> int:
+    client = connect(args)
+    try:
+        s = call(client, "show", {"slice": args.id})
+    finally:
+        client.close()
+    if args.json:
+        emit_json(s)
+    else:
+        from firmware.views import slice_table
+
+        console.print(slice_table([s], title=f"Slice {s['id']}"))
+        console.print("extents (granule start, length):", s["alloc"]["extents"])
+    return 0
+
+
+def spec_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """Build a slice spec dict from ``alloc`` flags (or read ``--file``)."""
+    if args.file:
+        from firmware.schema import load_toml
+
+        from_file = load_toml(args.file, "slice")
+        if args.owner:
+            from_file["owner"] = args.owner
+        return from_file
+    spec: dict[str, Any] = {}
+    if args.owner:
+        spec["owner"] = args.owner
+    if args.name:
+        spec["name"] = args.name
+    if args.core_ids:
+        spec["cores"] = {
+            "ids": [int(x) for x in args.core_ids.split(",")],
+            "same_cluster": args.same_cluster,
+        }
+    elif args.cores is not None:
+        spec["cores"] = {"count": args.cores, "same_cluster": args.same_cluster}
+    if args.memory is not None:
+        spec["memory"] = {"size": args.memory, "contiguous": args.contiguous}
+    if args.lanes is not None:
+        spec["lanes"] = {"width": args.lanes}
+        if args.endpoint:
+            spec["lanes"]["endpoint"] = args.endpoint
+    if args.key is not None:
+        spec["key"] = "auto" if args.key == "auto" else int(args.key)
+    if args.ports is not None:
+        spec["ports"] = args.ports
+    qos = {
+        k: v
+        for k, v in (
+            ("priority", args.priority),
+            ("guaranteed", args.guaranteed),
+            ("maximum", args.maximum),
+        )
+        if v is not None
+    }
+    if qos:
+        spec["qos"] = qos
+    return spec
+
+
+def _print_slice(args: argparse.Namespace, s: dict[str, Any], verb: str) -> None:
+    if args.json:
+        emit_json(s)
+    else:
+        from firmware.views import slice_table
+
+        console.print(f"{verb} slice [bold]{s['id']}[/] for {s['owner']}")
+        console.print(slice_table([s], title=""))
+
+
+def cmd_alloc(args: argparse.Namespace) -> int:
+    spec = spec_from_args(args)
+    client = connect(args)
+    try:
+        s = call(client, "allocate", {"spec": spec}, args.request_id)
+    finally:
+        client.close()
+    _print_slice(args, s, "allocated")
+    return 0
+
+
+def cmd_resize(args: argparse.Namespace) -> int:
+    rs: dict[str, Any] = {}
+    if args.memory is not None:
+        rs["memory"] = args.memory
+    if args.cores is not None:
+        rs["cores"] = args.cores
+    qos = {
+        k: v
+        for k, v in (
+            ("priority", args.priority),
+            ("guaranteed", args.guaranteed),
+            ("maximum", args.maximum),
+        )
+        if v is not None
+    }
+    if qos:
+        rs["qos"] = qos
+    client = connect(args)
+    try:
+        s = call(client, "resize", {"slice": args.id, "resize": rs}, args.request_id)
+    finally:
+        client.close()
+    _print_slice(args, s, "resized")
+    return 0
+
+
+def cmd_free(args: argparse.Namespace) -> int:
+    client = connect(args)
+    try:
+        s = call(client, "free", {"slice": args.id}, args.request_id)
+    finally:
+        client.close()
+    if args.json:
+        emit_json(s)
+    else:
+        console.print(f"freed slice [bold]{s['id']}[/] of {s['owner']}")
+    return 0
+
+
+def cmd_fabric_show(args: argparse.Namespace) -> int:
+    from firmware.views import permission_table
+
+    client = connect(args)
+    try:
+        fabric = call(client, "fabric")
+        slices = call(client, "list")
+    finally:
+        client.close()
+    if args.json:
+        emit_json(fabric)
+    else:
+        console.print(permission_table(fabric, slices))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from firmware.demo import run_demo
+
+    return run_demo(console, state_dir=args.state_dir_demo, device=args.device)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from firmware.bench import BENCHES, run_bench
+
+    if args.name not in BENCHES:
+        err_console.print(f"slicefab: unknown benchmark {args.name!r}; known: {', '.join(BENCHES)}")
+        return 2
+    figures = run_bench(args.name, quick=args.quick, progress=not args.json)
+    if args.json:
+        emit_json(figures)
+    else:
+        from rich.table import Table
+
+        t = Table(title=f"bench {args.name}", title_justify="left")
+        t.add_column("figure")
+        t.add_column("value", justify="right")
+        for k, v in figures.items():
+            t.add_row(k, f"{v:,.2f}" if isinstance(v, float) else str(v))
+        console.print(t)
+    return 0
+
+
+# ---------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--state-dir",
+        type=Path,
+        default=default_state_dir(),
+        help="firmware state directory: ledger, admin socket "
+        "(default: $SLICEFAB_STATE_DIR or ~/.local/state/slicefab)",
+    )
+    common.add_argument(
+        "--device",
+        type=Path,
+        default=None,
+        help="device inventory TOML (default: the shipped default device)",
+    )
+    common.add_argument("--json", action="store_true", help="print JSON for scripts")
+
+    p = argparse.ArgumentParser(
+        prog="slicefab",
+        description="Slicefab: offload-device firmware emulator (Resource Allocation Manager).",
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("serve", parents=[common], help="run the firmware daemon")
+    s.set_defaults(func=cmd_serve)
+
+    dev = sub.add_parser("device", help="the device inventory").add_subparsers(
+        dest="sub", required=True
+    )
+    d = dev.add_parser("show", parents=[common], help="show the device inventory")
+    d.set_defaults(func=cmd_device_show)
+
+    st = sub.add_parser("status", parents=[common], help="utilisation, fabric and ledger state")
+    st.set_defaults(func=cmd_status)
+
+    sl = sub.add_parser("slices", help="list and inspect slices").add_subparsers(
+        dest="sub", required=True
+    )
+    ls = sl.add_parser("list", parents=[common], help="list live slices")
+    ls.add_argument("--owner", help="only this VM's slices")
+    ls.set_defaults(func=cmd_slices_list)
+    sh = sl.add_parser("show", parents=[common], help="show one slice")
+    sh.add_argument("id", type=int)
+    sh.set_defaults(func=cmd_slices_show)
+
+    a = sub.add_parser("alloc", parents=[common], help="allocate a slice")
+    a.add_argument("--file", type=Path, help="slice file (TOML); flags below are ignored")
+    a.add_argument("--owner", help="owner VM id")
+    a.add_argument("--name", help="a label")
+    a.add_argument("--cores", type=int, help="number of cores")
+    a.add_argument("--core-ids", help="explicit core ids, comma-separated")
+    a.add_argument("--same-cluster", action="store_true", help="all cores in one cluster")
+    a.add_argument("--memory", help="memory size, e.g. '4GiB'")
+    a.add_argument("--contiguous", action="store_true", help="memory in one extent")
+    a.add_argument("--lanes", type=int, help="PCIe link width 1/2/4/8/16")
+    a.add_argument("--endpoint", help="pin the lanes to this endpoint (e.g. nvme0)")
+    a.add_argument("--key", help="protection key number, or 'auto' (default)")
+    a.add_argument("--ports", type=int, help="crossbar ports (default 1)")
+    a.add_argument("--priority", type=int, help="QoS priority 0-7")
+    a.add_argument("--guaranteed", help="guaranteed bandwidth per port, e.g. '10Gbit/s'")
+    a.add_argument("--maximum", help="maximum bandwidth per port, e.g. '25Gbit/s'")
+    a.add_argument("--request-id", help="idempotency key: a retry with it allocates once")
+    a.set_defaults(func=cmd_alloc)
+
+    r = sub.add_parser("resize", parents=[common], help="resize a live slice")
+    r.add_argument("id", type=int)
+    r.add_argument("--memory", help="new memory size, e.g. '8GiB'")
+    r.add_argument("--cores", type=int, help="new number of cores")
+    r.add_argument("--priority", type=int)
+    r.add_argument("--guaranteed", help="new guaranteed bandwidth per port")
+    r.add_argument("--maximum", help="new maximum bandwidth per port")
+    r.add_argument("--request-id")
+    r.set_defaults(func=cmd_resize)
+
+    f = sub.add_parser("free", parents=[common], help="free a slice")
+    f.add_argument("id", type=int)
+    f.add_argument("--request-id")
+    f.set_defaults(func=cmd_free)
+
+    fab = sub.add_parser("fabric", help="the crossbar").add_subparsers(dest="sub", required=True)
+    fs = fab.add_parser("show", parents=[common], help="the active permission table")
+    fs.set_defaults(func=cmd_fabric_show)
+
+    dm = sub.add_parser("demo", parents=[common], help="a scripted session of a few VMs")
+    dm.add_argument(
+        "--keep",
+        dest="state_dir_demo",
+        type=Path,
+        default=None,
+        help="keep the demo's state in this directory (default: a temporary one)",
+    )
+    dm.set_defaults(func=cmd_demo)
+
+    b = sub.add_parser("bench", parents=[common], help="run a benchmark, print its figures")
+    b.add_argument("name", help="alloc")
+    b.add_argument("--quick", action="store_true", help="shorter run (for tests)")
+    b.set_defaults(func=cmd_bench)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        code: int = args.func(args)
+        return code
+    except CommandError as e:
+        if getattr(args, "json", False):
+            emit_json({"error": e.error})
+        err_console.print(f"slicefab: error: {e.error['message']}", markup=False, highlight=False)
+        return 1
+    except SlicefabError as e:
+        if getattr(args, "json", False):
+            emit_json({"error": e.to_dict()})
+        err_console.print(f"slicefab: error: {e.message}", markup=False, highlight=False)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
