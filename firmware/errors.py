@@ -67,14 +67,24 @@ class InsufficientResources(AllocationError):
 
     code = "insufficient"
 
-    def __init__(self, resource: str, requested: int, available: int, unit: str = "") -> None:
+    def __init__(
+        self,
+        resource: str,
+        requested: int,
+        available: int,
+        unit: str = "",
+        explanation: str = "",
+        **details: Any,
+    ) -> None:
         suffix = f" {unit}" if unit else ""
+        message = f"{resource}: requested {requested}{suffix}, only {available}{suffix} available"
         super().__init__(
-            f"{resource}: requested {requested}{suffix}, only {available}{suffix} available",
+            f"{message}: {explanation}" if explanation else message,
             resource=resource,
             requested=requested,
             available=available,
             unit=unit,
+            **details,
         )
 
 
