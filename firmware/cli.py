@@ -313,6 +313,23 @@ def cmd_fabric_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_check(args: argparse.Namespace) -> int:
+    """Recompute every invariant and read the crossbar back; exit 1 on any violation."""
+    client = connect(args)
+    try:
+        violations = call(client, "check")["violations"]
+    finally:
+        client.close()
+    if args.json:
+        emit_json({"violations": violations})
+    elif violations:
+        for v in violations:
+            err_console.print(f"violation: {v}", markup=False, highlight=False)
+    else:
+        console.print("all invariants hold; the crossbar matches the slice table")
+    return 1 if violations else 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from firmware.demo import run_demo
 
@@ -425,6 +442,11 @@ def build_parser() -> argparse.ArgumentParser:
     fab = sub.add_parser("fabric", help="the crossbar").add_subparsers(dest="sub", required=True)
     fs = fab.add_parser("show", parents=[common], help="the active permission table")
     fs.set_defaults(func=cmd_fabric_show)
+
+    ck = sub.add_parser(
+        "check", parents=[common], help="check invariants and the crossbar against the ledger"
+    )
+    ck.set_defaults(func=cmd_check)
 
     dm = sub.add_parser("demo", parents=[common], help="a scripted session of a few VMs")
     dm.add_argument(

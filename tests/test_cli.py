@@ -1,0 +1,208 @@
+"""The ``slicefab`` command line, run as a user would: in-process on a state directory, and
+against a ``slicefab serve`` daemon — including SIGKILL right after an acknowledged
+allocation, and a restart that recovers the slice and re-programs the fabric."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+CLI = [sys.executable, "-m", "firmware.cli"]
+
+
+def run(*args: str, state: Path | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
+    cmd = [*CLI, *args]
+    if state is not None:
+        cmd += ["--state-dir", str(state)]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "COLUMNS": "160"})
+    if check and p.returncode != 0:
+        raise AssertionError(f"{cmd} exited {p.returncode}\n{p.stdout}\n{p.stderr}")
+    return p
+
+
+def run_json(*args: str, state: Path | None = None) -> Any:
+    return json.loads(run(*args, "--json", state=state).stdout)
+
+
+class Daemon:
+    def __init__(self, state: Path) -> None:
+        self.state = state
+        self.proc: subprocess.Popen[str] | None = None
+
+    def start(self) -> str:
+        self.proc = subprocess.Popen([*CLI, "serve", "--state-dir", str(self.state)],
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()  # printed once the socket is listening
+        if "serving" not in line:
+            self.stop()
+            raise AssertionError(f"daemon did not start: {line}")
+        return line
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.proc is not None:
+            for f in (self.proc.stdout, self.proc.stderr):
+                if f is not None:
+                    f.close()
+
+
+@pytest.fixture
+def daemon(tmp_path: Path) -> Iterator[Daemon]:
+    d = Daemon(tmp_path / "state")
+    try:
+        yield d
+    finally:
+        d.stop()  # always: no daemon outlives its test
+
+
+def test_device_show(tmp_path: Path) -> None:
+    dev = run_json("device", "show")
+    assert dev["cores"]["total"] == 64 and dev["memory"]["granules"] == 32768
+    assert [e["name"] for e in dev["pcie"]["endpoints"]] == ["nvme0", "nvme1"]
+    assert "sf-dpu0" in run("device", "show").stdout
+
+
+def test_bad_device_file_is_a_clear_error(tmp_path: Path) -> None:
+    bad = tmp_path / "dev.toml"
+    bad.write_text("[device]\nname = 'x'\n[cores]\nclusters = 0\n")
+    p = run("device", "show", "--device", str(bad), check=False)
+    assert p.returncode == 1
+    assert "cores.clusters: 0 is out of range [1, 64]" in p.stderr
+
+
+def test_in_process_alloc_resize_free(tmp_path: Path) -> None:
+    st = tmp_path / "state"
+    s = run_json("alloc", "--owner", "vm-a", "--cores", "4", "--same-cluster", "--memory",
+                 "4GiB", "--lanes", "4", "--endpoint", "nvme0", "--priority", "5",
+                 "--guaranteed", "10Gbit/s", state=st)
+    assert s["state"] == "active" and len(s["alloc"]["cores"]) == 4
+    r = run_json("resize", str(s["id"]), "--memory", "6GiB", "--cores", "6", state=st)
+    assert r["memory"] == "6 GiB" and len(r["alloc"]["cores"]) == 6
+    listed = run_json("slices", "list", state=st)
+    assert [x["id"] for x in listed] == [s["id"]]
+    fabric = run_json("fabric", "show", state=st)
+    port = s["alloc"]["ports"][0]
+    assert fabric["permission"][port] == 1 << port
+    assert run("check", state=st).returncode == 0
+    run("free", str(s["id"]), state=st)
+    assert run_json("slices", "list", state=st) == []
+    table = run("slices", "list", state=st).stdout
+    assert "Slices" in table
+
+
+def test_slice_file(tmp_path: Path) -> None:
+    f = tmp_path / "web.toml"
+    f.write_text('owner = "vm-web"\nname = "web"\nports = 2\n[memory]\nsize = "2 GiB"\n'
+                 '[qos]\npriority = 4\nguaranteed = "5 Gbit/s"\n')
+    s = run_json("alloc", "--file", str(f), state=tmp_path / "state")
+    assert s["name"] == "web" and len(s["alloc"]["ports"]) == 2
+
+
+def test_refused_request_exits_1_with_the_reason(tmp_path: Path) -> None:
+    st = tmp_path / "state"
+    p = run("alloc", "--owner", "vm-a", "--memory", "3MiB", state=st, check=False)
+    assert p.returncode == 1
+    assert "memory.size" in p.stderr and "granule" in p.stderr
+    p = run("alloc", "--owner", "vm-a", "--memory", "3MiB", "--json", state=st, check=False)
+    assert json.loads(p.stdout)["error"]["details"]["field"] == "memory.size"
+    assert run_json("slices", "list", state=st) == []
+
+
+def test_sigkill_after_ack_then_restart_recovers_and_reprograms(daemon: Daemon) -> None:
+    daemon.start()
+    st = daemon.state
+    a = run_json("alloc", "--owner", "vm-a", "--cores", "8", "--memory", "8GiB", "--lanes", "4",
+                 "--endpoint", "nvme0", "--ports", "2", "--guaranteed", "20Gbit/s",
+                 "--request-id", "a-1", state=st)
+    b = run_json("alloc", "--owner", "vm-b", "--memory", "2GiB", state=st)
+    fabric_before = run_json("fabric", "show", state=st)
+    assert fabric_before["backend"] == "model"
+    daemon.kill()  # right after the acknowledged allocations: no clean shutdown
+
+    banner = daemon.start()
+    assert "2 slices recovered" in banner
+    after = {s["id"]: s for s in run_json("slices", "list", state=st)}
+    assert after[a["id"]]["alloc"] == a["alloc"] and after[b["id"]]["alloc"] == b["alloc"]
+    fabric_after = run_json("fabric", "show", state=st)
+    # a brand-new behavioural crossbar, re-programmed from the ledger to the same image
+    assert fabric_after["permission"] == fabric_before["permission"]
+    assert fabric_after["weight"] == fabric_before["weight"]
+    assert run_json("check", state=st) == {"violations": []}
+    # the client never saw its reply and retries: no second allocation
+    again = run_json("alloc", "--owner", "vm-a", "--cores", "8", "--memory", "8GiB", "--lanes",
+                     "4", "--endpoint", "nvme0", "--ports", "2", "--guaranteed", "20Gbit/s",
+                     "--request-id", "a-1", state=st)
+    assert again["id"] == a["id"]
+    assert len(run_json("slices", "list", state=st)) == 2
+
+
+def test_daemon_owns_the_state_dir_and_cleans_up(daemon: Daemon) -> None:
+    daemon.start()
+    sock = daemon.state / "admin.sock"
+    assert sock.exists() and oct(sock.stat().st_mode & 0o777) == "0o600"
+    second = subprocess.run([*CLI, "serve", "--state-dir", str(daemon.state)],
+                            capture_output=True, text=True, timeout=60)
+    assert second.returncode == 1 and "in use" in second.stderr
+    daemon.stop()
+    assert daemon.proc is not None and daemon.proc.returncode == 0
+    assert not sock.exists()
+
+
+def test_daemon_answers_malformed_requests(daemon: Daemon) -> None:
+    import socket
+
+    daemon.start()
+    with socket.socket(socket.AF_UNIX) as s:
+        s.connect(str(daemon.state / "admin.sock"))
+        f = s.makefile("rwb")
+        for raw in (b"not json\n", b"[1,2]\n", b'{"op": "format-disk"}\n',
+                    b'{"op": "allocate", "args": {"spec": {"owner": "vm"}}}\n',
+                    b'{"op": "free", "args": {"slice": "1"}}\n'):
+            f.write(raw)
+            f.flush()
+            answer = json.loads(f.readline())
+            assert answer["ok"] is False and answer["error"]["code"] == "invalid", answer
+        f.write(b'{"op": "status"}\n')
+        f.flush()
+        assert json.loads(f.readline())["ok"] is True  # still serving
+
+
+def test_demo_runs(tmp_path: Path) -> None:
+    p = run("demo")
+    out = p.stdout
+    assert "refused (conflict): key" in out
+    assert "refused (denied): slice 1 does not belong to vm-b" in out
+    assert "identical: yes" in out and "0 violations" in out
+
+
+@pytest.mark.slow
+def test_bench_alloc_prints_named_figures(tmp_path: Path) -> None:
+    t0 = time.monotonic()
+    figures = json.loads(run("bench", "alloc", "--quick", "--json").stdout)
+    for key in ("allocator_ops_per_s", "allocator_p50_us", "allocator_p99_us", "durable_ops_per_s",
+                "durable_p99_us", "single_client_ops_per_s", "growth_ratio_2e20_vs_2e10"):
+        assert isinstance(figures[key], (int, float)) and figures[key] > 0, key
+    assert figures["invariant_violations"] == 0
+    assert time.monotonic() - t0 < 300

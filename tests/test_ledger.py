@@ -1,0 +1,85 @@
+"""The SQLite ledger: durable writes, group commit, identity checks, fail-stop."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from pathlib import Path
+
+import pytest
+
+from firmware.errors import LedgerError
+from firmware.ledger import DeleteSlice, Ledger, PutMeta, PutRequest, PutSlice
+
+
+def test_writes_are_visible_to_a_second_connection(tmp_path: Path) -> None:
+    led = Ledger(tmp_path / "l.sqlite", "dev1")
+    led.write([PutSlice(1, "vm-a", {"owner": "vm-a"}, {"cores": [1]}),
+               PutRequest("vm-a", "r1", "d", {"id": 1})])
+    db = sqlite3.connect(tmp_path / "l.sqlite")
+    assert db.execute("SELECT id, owner FROM slices").fetchall() == [(1, "vm-a")]
+    assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+    led.write([DeleteSlice(1)])
+    assert db.execute("SELECT count(*) FROM slices").fetchone() == (0,)
+    db.close()
+    led.close()
+    again = Ledger(tmp_path / "l.sqlite", "dev1")
+    assert again.slices() == []
+    assert [r.request_id for r in again.requests()] == ["r1"]
+    assert again.meta("next_slice_id") == "2"  # ids are never reused, even after delete
+    again.close()
+
+
+def test_group_commit_shares_transactions(tmp_path: Path) -> None:
+    led = Ledger(tmp_path / "l.sqlite", "dev1")
+    n_threads, per = 16, 20
+    barrier = threading.Barrier(n_threads)
+
+    def writer(i: int) -> None:
+        barrier.wait()
+        for k in range(per):
+            led.write([PutMeta(f"k{i}-{k}", "v")])
+
+    threads = [threading.Thread(target=writer, args=(i,)) for i in range(n_threads)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert led.records == n_threads * per
+    assert led.batches < led.records  # some fsyncs carried several writers' records
+    led.close()
+    db = sqlite3.connect(tmp_path / "l.sqlite")
+    assert db.execute("SELECT count(*) FROM meta WHERE key LIKE 'k%'").fetchone() == (n_threads * per,)
+
+
+def test_ledger_of_another_device_is_refused(tmp_path: Path) -> None:
+    Ledger(tmp_path / "l.sqlite", "dev1").close()
+    with pytest.raises(LedgerError, match="another device"):
+        Ledger(tmp_path / "l.sqlite", "dev2")
+
+
+def test_failed_write_stops_the_ledger(tmp_path: Path) -> None:
+    led = Ledger(tmp_path / "l.sqlite", "dev1")
+    led.write([PutSlice(1, "vm-a", {}, {})])
+    # sabotage: a trigger makes the next slice insert fail inside the transaction
+    db = sqlite3.connect(tmp_path / "l.sqlite")
+    db.execute("CREATE TRIGGER boom BEFORE INSERT ON slices "
+               "BEGIN SELECT RAISE(ABORT, 'disk on fire'); END")
+    db.commit()
+    db.close()
+    with pytest.raises(LedgerError, match="disk on fire"):
+        led.write([PutMeta("x", "1"), PutSlice(2, "vm-a", {}, {})])
+    with pytest.raises(LedgerError, match="stopped"):
+        led.write([PutMeta("y", "1")])
+    led.close()
+    again = Ledger(tmp_path / "l.sqlite", "dev1")
+    assert [s.id for s in again.slices()] == [1]  # the failed transaction left nothing
+    assert again.meta("x") is None
+    again.close()
+
+
+def test_commits_are_fsynced(tmp_path: Path) -> None:
+    led = Ledger(tmp_path / "l.sqlite", "dev1")
+    assert led._db.execute("PRAGMA synchronous").fetchone() == (2,)  # FULL
+    assert led._db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+    led.close()
