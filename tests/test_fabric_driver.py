@@ -105,3 +105,10 @@ def test_restart_reprograms_only_what_differs(device: Device) -> None:
     bus = CountingBus(model)
     again = FabricDriver(device, bus, advance=lambda: model.step(1))
     assert again.sync(a.port_demand()) == 0 and bus.writes == []
+
+
+def test_an_enabled_token_bucket_never_gets_rate_zero() -> None:
+    # 1 Mbit/s on a 5 GHz crossbar is 2.5e-5 bytes/cycle: rounds to 0 in 16.16, clamped to 1
+    assert img.rate_for(1, 5000) == 2
+    assert img.rate_for(0, 5000) == 1
+    assert img.burst_for(1, 64) == 128  # and the bucket always holds at least two flits

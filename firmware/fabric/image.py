@@ -51,9 +51,10 @@ def weight_for(priority: int, guaranteed_mbps: int, capacity_mbps: int) -> int:
 
 
 def rate_for(mbps: int, clock_mhz: int) -> int:
-    """Mbit/s → bytes per cycle, unsigned 16.16, rounded to nearest."""
+    """Mbit/s → bytes per cycle, unsigned 16.16, rounded to nearest, never 0: an enabled
+    bucket with rate 0 would freeze its port in the middle of a packet (registers.md)."""
     den = 8 * clock_mhz
-    return min(rm.PORT_TB_RATE_RATE_MASK, (mbps * (1 << 16) + den // 2) // den)
+    return max(1, min(rm.PORT_TB_RATE_RATE_MASK, (mbps * (1 << 16) + den // 2) // den))
 
 
 def burst_for(rate: int, data_bytes: int) -> int:
