@@ -34,10 +34,7 @@ def open_rm(state: StateDir) -> Iterator[Callable[[], ResourceManager]]:
 
     yield _open
     for m in opened:
-        try:
-            m.close()
-        except Exception:
-            pass
+        m.close()  # closing twice is harmless: a test may have closed it already
     state.unlock()
 
 
@@ -46,7 +43,9 @@ def rm(open_rm: Callable[[], ResourceManager]) -> ResourceManager:
     return open_rm()
 
 
-def reopen(m: ResourceManager, state: StateDir, open_rm: Callable[[], ResourceManager]) -> ResourceManager:
+def reopen(
+    m: ResourceManager, state: StateDir, open_rm: Callable[[], ResourceManager]
+) -> ResourceManager:
     """Close ``m`` as a clean shutdown would and recover a new manager from the ledger."""
     m.close()
     state.unlock()

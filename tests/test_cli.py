@@ -19,12 +19,15 @@ import pytest
 CLI = [sys.executable, "-m", "firmware.cli"]
 
 
-def run(*args: str, state: Path | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
+def run(
+    *args: str, state: Path | None = None, check: bool = True
+) -> subprocess.CompletedProcess[str]:
     cmd = [*CLI, *args]
     if state is not None:
         cmd += ["--state-dir", str(state)]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=120,
-                       env={**os.environ, "COLUMNS": "160"})
+    p = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=120, env={**os.environ, "COLUMNS": "160"}
+    )
     if check and p.returncode != 0:
         raise AssertionError(f"{cmd} exited {p.returncode}\n{p.stdout}\n{p.stderr}")
     return p
@@ -40,8 +43,12 @@ class Daemon:
         self.proc: subprocess.Popen[str] | None = None
 
     def start(self) -> str:
-        self.proc = subprocess.Popen([*CLI, "serve", "--state-dir", str(self.state)],
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen(
+            [*CLI, "serve", "--state-dir", str(self.state)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()  # printed once the socket is listening
         if "serving" not in line:
@@ -94,9 +101,25 @@ def test_bad_device_file_is_a_clear_error(tmp_path: Path) -> None:
 
 def test_in_process_alloc_resize_free(tmp_path: Path) -> None:
     st = tmp_path / "state"
-    s = run_json("alloc", "--owner", "vm-a", "--cores", "4", "--same-cluster", "--memory",
-                 "4GiB", "--lanes", "4", "--endpoint", "nvme0", "--priority", "5",
-                 "--guaranteed", "10Gbit/s", state=st)
+    s = run_json(
+        "alloc",
+        "--owner",
+        "vm-a",
+        "--cores",
+        "4",
+        "--same-cluster",
+        "--memory",
+        "4GiB",
+        "--lanes",
+        "4",
+        "--endpoint",
+        "nvme0",
+        "--priority",
+        "5",
+        "--guaranteed",
+        "10Gbit/s",
+        state=st,
+    )
     assert s["state"] == "active" and len(s["alloc"]["cores"]) == 4
     r = run_json("resize", str(s["id"]), "--memory", "6GiB", "--cores", "6", state=st)
     assert r["memory"] == "6 GiB" and len(r["alloc"]["cores"]) == 6
@@ -114,8 +137,10 @@ def test_in_process_alloc_resize_free(tmp_path: Path) -> None:
 
 def test_slice_file(tmp_path: Path) -> None:
     f = tmp_path / "web.toml"
-    f.write_text('owner = "vm-web"\nname = "web"\nports = 2\n[memory]\nsize = "2 GiB"\n'
-                 '[qos]\npriority = 4\nguaranteed = "5 Gbit/s"\n')
+    f.write_text(
+        'owner = "vm-web"\nname = "web"\nports = 2\n[memory]\nsize = "2 GiB"\n'
+        '[qos]\npriority = 4\nguaranteed = "5 Gbit/s"\n'
+    )
     s = run_json("alloc", "--file", str(f), state=tmp_path / "state")
     assert s["name"] == "web" and len(s["alloc"]["ports"]) == 2
 
@@ -133,9 +158,26 @@ def test_refused_request_exits_1_with_the_reason(tmp_path: Path) -> None:
 def test_sigkill_after_ack_then_restart_recovers_and_reprograms(daemon: Daemon) -> None:
     daemon.start()
     st = daemon.state
-    a = run_json("alloc", "--owner", "vm-a", "--cores", "8", "--memory", "8GiB", "--lanes", "4",
-                 "--endpoint", "nvme0", "--ports", "2", "--guaranteed", "20Gbit/s",
-                 "--request-id", "a-1", state=st)
+    a = run_json(
+        "alloc",
+        "--owner",
+        "vm-a",
+        "--cores",
+        "8",
+        "--memory",
+        "8GiB",
+        "--lanes",
+        "4",
+        "--endpoint",
+        "nvme0",
+        "--ports",
+        "2",
+        "--guaranteed",
+        "20Gbit/s",
+        "--request-id",
+        "a-1",
+        state=st,
+    )
     b = run_json("alloc", "--owner", "vm-b", "--memory", "2GiB", state=st)
     fabric_before = run_json("fabric", "show", state=st)
     assert fabric_before["backend"] == "model"
@@ -151,9 +193,26 @@ def test_sigkill_after_ack_then_restart_recovers_and_reprograms(daemon: Daemon) 
     assert fabric_after["weight"] == fabric_before["weight"]
     assert run_json("check", state=st) == {"violations": []}
     # the client never saw its reply and retries: no second allocation
-    again = run_json("alloc", "--owner", "vm-a", "--cores", "8", "--memory", "8GiB", "--lanes",
-                     "4", "--endpoint", "nvme0", "--ports", "2", "--guaranteed", "20Gbit/s",
-                     "--request-id", "a-1", state=st)
+    again = run_json(
+        "alloc",
+        "--owner",
+        "vm-a",
+        "--cores",
+        "8",
+        "--memory",
+        "8GiB",
+        "--lanes",
+        "4",
+        "--endpoint",
+        "nvme0",
+        "--ports",
+        "2",
+        "--guaranteed",
+        "20Gbit/s",
+        "--request-id",
+        "a-1",
+        state=st,
+    )
     assert again["id"] == a["id"]
     assert len(run_json("slices", "list", state=st)) == 2
 
@@ -162,8 +221,12 @@ def test_daemon_owns_the_state_dir_and_cleans_up(daemon: Daemon) -> None:
     daemon.start()
     sock = daemon.state / "admin.sock"
     assert sock.exists() and oct(sock.stat().st_mode & 0o777) == "0o600"
-    second = subprocess.run([*CLI, "serve", "--state-dir", str(daemon.state)],
-                            capture_output=True, text=True, timeout=60)
+    second = subprocess.run(
+        [*CLI, "serve", "--state-dir", str(daemon.state)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert second.returncode == 1 and "in use" in second.stderr
     daemon.stop()
     assert daemon.proc is not None and daemon.proc.returncode == 0
@@ -177,9 +240,13 @@ def test_daemon_answers_malformed_requests(daemon: Daemon) -> None:
     with socket.socket(socket.AF_UNIX) as s:
         s.connect(str(daemon.state / "admin.sock"))
         f = s.makefile("rwb")
-        for raw in (b"not json\n", b"[1,2]\n", b'{"op": "format-disk"}\n',
-                    b'{"op": "allocate", "args": {"spec": {"owner": "vm"}}}\n',
-                    b'{"op": "free", "args": {"slice": "1"}}\n'):
+        for raw in (
+            b"not json\n",
+            b"[1,2]\n",
+            b'{"op": "format-disk"}\n',
+            b'{"op": "allocate", "args": {"spec": {"owner": "vm"}}}\n',
+            b'{"op": "free", "args": {"slice": "1"}}\n',
+        ):
             f.write(raw)
             f.flush()
             answer = json.loads(f.readline())
@@ -201,8 +268,15 @@ def test_demo_runs(tmp_path: Path) -> None:
 def test_bench_alloc_prints_named_figures(tmp_path: Path) -> None:
     t0 = time.monotonic()
     figures = json.loads(run("bench", "alloc", "--quick", "--json").stdout)
-    for key in ("allocator_ops_per_s", "allocator_p50_us", "allocator_p99_us", "durable_ops_per_s",
-                "durable_p99_us", "single_client_ops_per_s", "growth_ratio_2e20_vs_2e10"):
+    for key in (
+        "allocator_ops_per_s",
+        "allocator_p50_us",
+        "allocator_p99_us",
+        "durable_ops_per_s",
+        "durable_p99_us",
+        "single_client_ops_per_s",
+        "growth_ratio_2e20_vs_2e10",
+    ):
         assert isinstance(figures[key], (int, float)) and figures[key] > 0, key
     assert figures["invariant_violations"] == 0
     assert time.monotonic() - t0 < 300

@@ -43,9 +43,15 @@ def test_writes_only_changed_registers_then_commits(device: Device) -> None:
     n = drv.sync(a.port_demand())
     # port 0 only: PERM_LO, WEIGHT, TB_RATE, TB_BURST, KEYS (PERM_HI stays 0), then commit
     assert [addr for addr, _ in bus.writes[:-1]] == sorted(
-        rm.port_reg(0, off) for off in (rm.PORT_PERM_LO_OFFSET, rm.PORT_WEIGHT_OFFSET,
-                                         rm.PORT_TB_RATE_OFFSET, rm.PORT_TB_BURST_OFFSET,
-                                         rm.PORT_KEYS_OFFSET))
+        rm.port_reg(0, off)
+        for off in (
+            rm.PORT_PERM_LO_OFFSET,
+            rm.PORT_WEIGHT_OFFSET,
+            rm.PORT_TB_RATE_OFFSET,
+            rm.PORT_TB_BURST_OFFSET,
+            rm.PORT_KEYS_OFFSET,
+        )
+    )
     assert bus.writes[-1] == (rm.CTRL_OFFSET, rm.CTRL_COMMIT_MASK)
     assert n == len(bus.writes) == 6
     assert model.read(rm.GEN_OFFSET) & rm.GEN_COMMITTED_MASK == drv.generation == 1
@@ -53,7 +59,9 @@ def test_writes_only_changed_registers_then_commits(device: Device) -> None:
     alloc(a, "vm-a", qos={"priority": 2})  # same port, same priority: only the TB sum changes
     drv.sync(a.port_demand())
     assert {addr for addr, _ in bus.writes[:-1]} <= {
-        rm.port_reg(0, rm.PORT_TB_RATE_OFFSET), rm.port_reg(0, rm.PORT_TB_BURST_OFFSET)}
+        rm.port_reg(0, rm.PORT_TB_RATE_OFFSET),
+        rm.port_reg(0, rm.PORT_TB_BURST_OFFSET),
+    }
 
 
 def test_image_values_follow_the_documented_formulas(device: Device) -> None:

@@ -14,8 +14,12 @@ from firmware.ledger import DeleteSlice, Ledger, PutMeta, PutRequest, PutSlice
 
 def test_writes_are_visible_to_a_second_connection(tmp_path: Path) -> None:
     led = Ledger(tmp_path / "l.sqlite", "dev1")
-    led.write([PutSlice(1, "vm-a", {"owner": "vm-a"}, {"cores": [1]}),
-               PutRequest("vm-a", "r1", "d", {"id": 1})])
+    led.write(
+        [
+            PutSlice(1, "vm-a", {"owner": "vm-a"}, {"cores": [1]}),
+            PutRequest("vm-a", "r1", "d", {"id": 1}),
+        ]
+    )
     db = sqlite3.connect(tmp_path / "l.sqlite")
     assert db.execute("SELECT id, owner FROM slices").fetchall() == [(1, "vm-a")]
     assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
@@ -49,7 +53,9 @@ def test_group_commit_shares_transactions(tmp_path: Path) -> None:
     assert led.batches < led.records  # some fsyncs carried several writers' records
     led.close()
     db = sqlite3.connect(tmp_path / "l.sqlite")
-    assert db.execute("SELECT count(*) FROM meta WHERE key LIKE 'k%'").fetchone() == (n_threads * per,)
+    assert db.execute("SELECT count(*) FROM meta WHERE key LIKE 'k%'").fetchone() == (
+        n_threads * per,
+    )
 
 
 def test_ledger_of_another_device_is_refused(tmp_path: Path) -> None:
@@ -63,8 +69,9 @@ def test_failed_write_stops_the_ledger(tmp_path: Path) -> None:
     led.write([PutSlice(1, "vm-a", {}, {})])
     # sabotage: a trigger makes the next slice insert fail inside the transaction
     db = sqlite3.connect(tmp_path / "l.sqlite")
-    db.execute("CREATE TRIGGER boom BEFORE INSERT ON slices "
-               "BEGIN SELECT RAISE(ABORT, 'disk on fire'); END")
+    db.execute(
+        "CREATE TRIGGER boom BEFORE INSERT ON slices BEGIN SELECT RAISE(ABORT, 'disk on fire'); END"
+    )
     db.commit()
     db.close()
     with pytest.raises(LedgerError, match="disk on fire"):

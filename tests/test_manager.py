@@ -127,8 +127,9 @@ def test_bad_requests_get_clear_errors_and_change_nothing(
 
 
 def test_taken_units_are_refused_and_change_nothing(rm: ResourceManager, state: StateDir) -> None:
-    a = rm.allocate(spec("vm-a", key=3, lanes={"width": 4, "endpoint": "nvme0"},
-                         cores={"ids": [0, 1]}))
+    a = rm.allocate(
+        spec("vm-a", key=3, lanes={"width": 4, "endpoint": "nvme0"}, cores={"ids": [0, 1]})
+    )
     before = snapshot(rm, state)
     for bad, err in (
         (spec("vm-b", key=3), ResourceConflict),  # a key another VM holds
@@ -198,8 +199,9 @@ def test_concurrent_clients_never_oversubscribe(rm: ResourceManager) -> None:
     def client(i: int) -> None:
         for n in range(6):
             try:
-                rm.allocate(spec(f"vm-{i}", memory={"size": "1 GiB"}), caller=f"vm-{i}",
-                            request_id=f"r{n}")
+                rm.allocate(
+                    spec(f"vm-{i}", memory={"size": "1 GiB"}), caller=f"vm-{i}", request_id=f"r{n}"
+                )
             except InsufficientResources:
                 pass
             except BaseException as e:  # anything else is a bug
