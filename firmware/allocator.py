@@ -179,7 +179,7 @@ class Allocator:
 
     # ------------------------------------------------------------------ allocate
 
-    def allocate(self, spec: SliceSpec, slice_id: int | None = None) -> Slice:
+    def allocate(self, spec: SliceSpec) -> Slice:
         """Reserve everything ``spec`` asks for; the new slice is ``RESERVED``.
 
         Raises:
@@ -207,8 +207,8 @@ class Allocator:
             for step in reversed(undo):
                 step()
             raise
-        sid = self.next_id if slice_id is None else slice_id
-        self.next_id = max(self.next_id, sid + 1)
+        sid = self.next_id
+        self.next_id += 1
         s = Slice(sid, spec, Allocation(cores, extents, lanes, key, ports))
         s.transition(SliceState.RESERVED)
         self.slices[sid] = s
@@ -288,6 +288,11 @@ class Allocator:
             InsufficientResources / ResourceConflict: the growth cannot be satisfied.
         """
         s = self.get(slice_id)
+        if not s.live or slice_id in self._withdrawn:
+            raise RequestError(
+                "slice", f"slice {slice_id} is {s.state.value}; only a live slice can be resized",
+                state=s.state.value,
+            )
         spec, a = s.spec, s.alloc
         new_qos = spec.qos
         if rs.qos is not None:
@@ -598,16 +603,21 @@ class Allocator:
             dev.lanes,
             self.lanes.free_lanes(),
         )
-        for kind, attr in (("key", "key"), ("port", "ports")):
-            holders: dict[int, set[str]] = {}
-            for s in live:
-                units = [s.alloc.key] if attr == "key" else list(s.alloc.ports)
-                for u in units:
-                    holders.setdefault(u, set()).add(s.owner)
-            for u, owners in holders.items():
+        in_ports = [s for s in live if s.id not in self._withdrawn]
+        key_holders: dict[int, set[str]] = {}
+        port_holders: dict[int, set[str]] = {}
+        for s in live:  # a RELEASING slice keeps its key until release()
+            key_holders.setdefault(s.alloc.key, set()).add(s.owner)
+        for s in in_ports:  # ...but gave its ports back at begin_release()
+            for port in s.alloc.ports:
+                port_holders.setdefault(port, set()).add(s.owner)
+        for kind, holders in (("key", key_holders), ("port", port_holders)):
+            for u, owners in sorted(holders.items()):
                 if len(owners) > 1:
                     bad.append(f"{kind} {u} shared by VMs {sorted(owners)}")
-        in_ports = [s for s in live if s.id not in self._withdrawn]
+        for k, owners in key_holders.items():
+            if self.key_owner[k] not in owners:
+                bad.append(f"key {k} recorded as {self.key_owner[k]}'s, used by {sorted(owners)}")
         recomputed = demand_from_slices(dev, in_ports)
         for i, p in enumerate(self.ports):
             on_port = [s for s in in_ports if i in s.alloc.ports]

@@ -150,7 +150,9 @@ def load_device(path: Path | str | None = None) -> Device:
     try:
         return parse_device(load_toml(p, "device"))
     except ConfigError as e:
-        raise ConfigError(f"{p}: {e.message}", file=str(p), **e.details) from None
+        if "file" in e.details:  # missing file / bad TOML: the message already names it
+            raise
+        raise ConfigError(f"{p}: {e.message}", **{**e.details, "file": str(p)}) from None
 
 
 def parse_device(data: dict[str, Any]) -> Device:
@@ -189,7 +191,7 @@ def parse_device(data: dict[str, Any]) -> Device:
     if not isinstance(raw_ports, list) or not 1 <= len(raw_ports) <= MAX_PCIE_PORTS:
         raise pcie.error("port_lanes", f"expected a list of 1..{MAX_PCIE_PORTS} lane counts")
     for i, n in enumerate(raw_ports):
-        if isinstance(n, bool) or n not in LINK_WIDTHS:
+        if isinstance(n, bool) or not isinstance(n, int) or n not in LINK_WIDTHS:
             raise pcie.error(
                 "port_lanes",
                 f"port {i} has {n!r} lanes; a port has one of {LINK_WIDTHS} lanes",

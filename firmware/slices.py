@@ -44,7 +44,7 @@ from firmware.resources.memory import Extent
 from firmware.schema import Table, load_toml
 from firmware.units import format_bandwidth, format_size, parse_bandwidth, parse_size
 
-OWNER_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+OWNER_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # used with fullmatch
 MAX_CORES_PER_SLICE = 4096
 MAX_PRIORITY = 7
 MAX_PORTS_PER_SLICE = 64
@@ -133,7 +133,7 @@ class SliceSpec:
         :class:`ConfigError` (a slice file) naming the field, the limit and what was expected."""
         t = Table(data, "", request=request)
         owner = t.text("owner")
-        if not OWNER_RE.match(owner):
+        if not OWNER_RE.fullmatch(owner):
             raise t.error(
                 "owner",
                 f"{owner!r} is not a VM id (1-64 of A-Z a-z 0-9 _ . -, not starting with a symbol)",
@@ -194,8 +194,9 @@ class SliceSpec:
             priority = q.integer("priority", lo=0, hi=MAX_PRIORITY, default=0)
             guaranteed = q.quantity("guaranteed", parse_bandwidth, default=0)
             maximum = q.quantity("maximum", parse_bandwidth, default=0)
-            if guaranteed < 0 or maximum < 0:
-                raise q.error("guaranteed", "bandwidth must be >= 0")
+            for bw_field, value in (("guaranteed", guaranteed), ("maximum", maximum)):
+                if value < 0:
+                    raise q.error(bw_field, f"bandwidth must be >= 0, got {value}", got=value)
             if maximum and guaranteed > maximum:
                 raise q.error(
                     "guaranteed",

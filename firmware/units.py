@@ -8,6 +8,7 @@ base unit (bytes, Mbit/s).
 from __future__ import annotations
 
 import re
+from fractions import Fraction
 
 from firmware.errors import RequestError
 
@@ -50,8 +51,8 @@ def _parse(field: str, value: object, units: dict[str, int], what: str) -> int:
             expected=f"a number and one of: {', '.join(sorted(u for u in units if u))}",
         )
     number, unit = m.group(1), m.group(2).lower()
-    scaled = float(number) * units[unit] if "." in number else int(number) * units[unit]
-    if scaled != int(scaled):
+    scaled = Fraction(number) * units[unit]  # exact: "2.01 Gbit/s" is 2010 Mbit/s
+    if scaled.denominator != 1:
         raise RequestError(field, f"{value!r} is not a whole number of base units", got=value)
     return int(scaled)
 
