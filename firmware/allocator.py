@@ -58,8 +58,16 @@ class PortState:
     limit_mbps: int = 0
     priorities: list[int] = field(default_factory=lambda: [0] * (MAX_PRIORITY + 1))
     keys: dict[int, int] = field(default_factory=dict)  # key -> slices using it here
+    # the PortDemand of the totals above; reset by every change (_claim_ports/_give_ports)
+    cached: PortDemand | None = field(default=None, repr=False, compare=False)
 
     def demand(self) -> PortDemand:
+        if self.cached is None:
+            self.cached = self.compute_demand()
+        return self.cached
+
+    def compute_demand(self) -> PortDemand:
+        """The demand from the totals, bypassing the cache (for the invariant checker)."""
         top = max((p for p, n in enumerate(self.priorities) if n), default=0)
         mask = 0
         for k in self.keys:
@@ -523,6 +531,7 @@ class Allocator:
             st = self.ports[p]
             st.owner = owner
             st.slices += 1
+            st.cached = None
             st.guaranteed_mbps += qos.guaranteed_mbps
             st.limit_mbps += limit
             st.priorities[qos.priority] += 1
@@ -534,6 +543,7 @@ class Allocator:
         for p in ports:
             st = self.ports[p]
             st.slices -= 1
+            st.cached = None
             if st.slices == 0:
                 self.ports[p] = PortState()
                 continue
@@ -624,10 +634,11 @@ class Allocator:
             g = sum(s.spec.qos.guaranteed_mbps for s in on_port)
             if g > dev.crossbar.port_mbps:
                 bad.append(f"port {i}: guaranteed {g} Mbit/s > capacity {dev.crossbar.port_mbps}")
-            if p.demand() != recomputed[i] or len(on_port) != p.slices:
-                bad.append(
-                    f"port {i}: totals {p.demand()} disagree with its slices {recomputed[i]}"
-                )
+            fresh = p.compute_demand()
+            if fresh != recomputed[i] or len(on_port) != p.slices:
+                bad.append(f"port {i}: totals {fresh} disagree with its slices {recomputed[i]}")
+            if p.demand() != fresh:
+                bad.append(f"port {i}: cached demand {p.demand()} is stale (totals: {fresh})")
             if not on_port and p.owner is not None:
                 bad.append(f"port {i} held by {p.owner} with no slice on it")
         for k in range(dev.keys):

@@ -53,6 +53,8 @@ class FabricDriver:
             rm.GEN_OFFSET, rm.GEN_COMMITTED_MASK, rm.GEN_COMMITTED_LSB
         )
         self.image = self.read_image()
+        # the configuration last programmed per port (None: not yet, compare registers)
+        self._configs: Sequence[img.PortConfig | None] = [None] * device.crossbar.ports
 
     @classmethod
     def with_model(cls, device: Device) -> FabricDriver:
@@ -109,22 +111,32 @@ class FabricDriver:
 
     def sync(self, demand: Sequence[img.PortDemand]) -> int:
         """Program the image implied by the per-port ``demand``; returns the number of
-        register writes (0 when nothing changed: no commit is issued then)."""
-        target = self.target(demand)
-        writes = img.diff(self.image, target)
-        if not writes:
-            self.last_writes = 0
-            return 0
-        for addr, value in writes:
-            self.bus.write(addr, value)
-        self.bus.write(rm.CTRL_OFFSET, rm.CTRL_COMMIT_MASK)
-        self.generation = (self.generation + 1) & rm.GEN_COMMITTED_MASK
-        self._wait_adopted()
-        self.image = target
-        self.syncs += 1
-        self.writes += len(writes) + 1
-        self.last_writes = len(writes) + 1
-        return len(writes) + 1
+        register writes (0 when nothing changed: no commit is issued then).
+
+        Only ports whose configuration changed since the last sync are re-encoded and
+        compared with the crossbar's image, so a reconfiguration costs O(changed ports)."""
+        configs = img.port_configs(self.device, demand)
+        writes: list[tuple[int, int]] = []
+        for p, cfg in enumerate(configs):
+            if cfg == self._configs[p]:
+                continue
+            base = rm.port_reg(p, 0)
+            for off, value in img.port_register_values(cfg):
+                if self.image[base + off] != value:
+                    writes.append((base + off, value))
+        writes.sort()
+        if writes:
+            for addr, value in writes:
+                self.bus.write(addr, value)
+            self.bus.write(rm.CTRL_OFFSET, rm.CTRL_COMMIT_MASK)
+            self.generation = (self.generation + 1) & rm.GEN_COMMITTED_MASK
+            self._wait_adopted()
+            self.image.update(writes)
+            self.syncs += 1
+            self.writes += len(writes) + 1
+        self._configs = configs
+        self.last_writes = len(writes) + 1 if writes else 0
+        return self.last_writes
 
     def _wait_adopted(self) -> None:
         for _ in range(ADOPT_POLLS):

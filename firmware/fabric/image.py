@@ -25,7 +25,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from abi import regmap as rm
-from firmware.inventory import Device
+from firmware.inventory import Crossbar, Device
 from firmware.slices import Slice
 
 BURST_CYCLES = 1024
@@ -96,30 +96,36 @@ def demand_from_slices(device: Device, slices: Iterable[Slice]) -> list[PortDema
     return [PortDemand(owner[p], prio[p], guaranteed[p], limit[p], keys[p]) for p in range(n)]
 
 
-def port_configs(device: Device, demand: Sequence[PortDemand]) -> list[PortConfig]:
-    """The configuration of every input port implied by the per-port demand."""
-    xb = device.crossbar
-    vm_ports: dict[str, int] = {}
+def vm_port_masks(demand: Sequence[PortDemand]) -> dict[str, int]:
+    """Each VM's ports as a bit mask: the permission mask of each of those ports."""
+    masks: dict[str, int] = {}
     for p, d in enumerate(demand):
         if d.owner is not None:
-            vm_ports[d.owner] = vm_ports.get(d.owner, 0) | 1 << p
-    out: list[PortConfig] = []
-    for d in demand:
-        if d.owner is None:
-            out.append(PortConfig())
-            continue
-        rate = rate_for(min(d.limit_mbps, xb.port_mbps), xb.clock_mhz)
-        out.append(
-            PortConfig(
-                perm=vm_ports[d.owner],
-                weight=weight_for(d.priority, d.guaranteed_mbps, xb.port_mbps),
-                tb_rate=rate,
-                tb_burst=burst_for(rate, xb.data_bytes),
-                tb_enable=True,
-                keys=d.keys,
-            )
-        )
-    return out
+            masks[d.owner] = masks.get(d.owner, 0) | 1 << p
+    return masks
+
+
+@functools.lru_cache(maxsize=4096)
+def port_config(xb: Crossbar, d: PortDemand, perm: int) -> PortConfig:
+    """The configuration of one input port (cached: few distinct ones exist at a time)."""
+    if d.owner is None:
+        return PortConfig()
+    rate = rate_for(min(d.limit_mbps, xb.port_mbps), xb.clock_mhz)
+    return PortConfig(
+        perm=perm,
+        weight=weight_for(d.priority, d.guaranteed_mbps, xb.port_mbps),
+        tb_rate=rate,
+        tb_burst=burst_for(rate, xb.data_bytes),
+        tb_enable=True,
+        keys=d.keys,
+    )
+
+
+def port_configs(device: Device, demand: Sequence[PortDemand]) -> list[PortConfig]:
+    """The configuration of every input port implied by the per-port demand."""
+    masks = vm_port_masks(demand)
+    xb = device.crossbar
+    return [port_config(xb, d, 0 if d.owner is None else masks[d.owner]) for d in demand]
 
 
 @functools.lru_cache(maxsize=4096)
