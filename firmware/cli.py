@@ -11,10 +11,12 @@ Exit status: 0 success, 1 the device refused the request (the error says why), 2
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import signal
 import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +53,16 @@ def connect(args: argparse.Namespace) -> Client:
     return LocalClient(open_manager(state, args.device))
 
 
+@contextlib.contextmanager
+def session(args: argparse.Namespace) -> Iterator[Client]:
+    """A client for the command's state directory, closed when the command is done."""
+    client = connect(args)
+    try:
+        yield client
+    finally:
+        client.close()
+
+
 def call(
     client: Client, op: str, args: dict[str, Any] | None = None, request_id: str | None = None
 ) -> Any:
@@ -71,10 +83,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     state = StateDir(args.state_dir)
     manager = open_manager(state, args.device)
     server = AdminServer(state.socket, manager)
-    stop = threading.Event()
 
     def shutdown(signum: int, frame: object) -> None:
-        stop.set()
+        # serve_forever must be stopped from another thread than the one it runs on
         threading.Thread(target=server.shutdown, daemon=True).start()
 
     signal.signal(signal.SIGTERM, shutdown)
@@ -140,12 +151,9 @@ def cmd_device_show(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     from firmware.views import utilisation_table
 
-    client = connect(args)
-    try:
+    with session(args) as client:
         st = call(client, "status")
         dev = call(client, "device")
-    finally:
-        client.close()
     if args.json:
         emit_json(st)
         return 0
@@ -164,11 +172,8 @@ def _granule(dev_summary: dict[str, Any]) -> int:
 def cmd_slices_list(args: argparse.Namespace) -> int:
     from firmware.views import slice_table
 
-    client = connect(args)
-    try:
+    with session(args) as client:
         slices = call(client, "list", {"owner": args.owner} if args.owner else {})
-    finally:
-        client.close()
     if args.json:
         emit_json(slices)
     else:
@@ -177,11 +182,8 @@ def cmd_slices_list(args: argparse.Namespace) -> int:
 
 
 def cmd_slices_show(args: argparse.Namespace) -> int:
-    client = connect(args)
-    try:
+    with session(args) as client:
         s = call(client, "show", {"slice": args.id})
-    finally:
-        client.close()
     if args.json:
         emit_json(s)
     else:
@@ -249,11 +251,8 @@ def _print_slice(args: argparse.Namespace, s: dict[str, Any], verb: str) -> None
 
 def cmd_alloc(args: argparse.Namespace) -> int:
     spec = spec_from_args(args)
-    client = connect(args)
-    try:
+    with session(args) as client:
         s = call(client, "allocate", {"spec": spec}, args.request_id)
-    finally:
-        client.close()
     _print_slice(args, s, "allocated")
     return 0
 
@@ -275,21 +274,15 @@ def cmd_resize(args: argparse.Namespace) -> int:
     }
     if qos:
         rs["qos"] = qos
-    client = connect(args)
-    try:
+    with session(args) as client:
         s = call(client, "resize", {"slice": args.id, "resize": rs}, args.request_id)
-    finally:
-        client.close()
     _print_slice(args, s, "resized")
     return 0
 
 
 def cmd_free(args: argparse.Namespace) -> int:
-    client = connect(args)
-    try:
+    with session(args) as client:
         s = call(client, "free", {"slice": args.id}, args.request_id)
-    finally:
-        client.close()
     if args.json:
         emit_json(s)
     else:
@@ -300,12 +293,9 @@ def cmd_free(args: argparse.Namespace) -> int:
 def cmd_fabric_show(args: argparse.Namespace) -> int:
     from firmware.views import permission_table
 
-    client = connect(args)
-    try:
+    with session(args) as client:
         fabric = call(client, "fabric")
         slices = call(client, "list")
-    finally:
-        client.close()
     if args.json:
         emit_json(fabric)
     else:
@@ -315,11 +305,8 @@ def cmd_fabric_show(args: argparse.Namespace) -> int:
 
 def cmd_check(args: argparse.Namespace) -> int:
     """Recompute every invariant and read the crossbar back; exit 1 on any violation."""
-    client = connect(args)
-    try:
+    with session(args) as client:
         violations = call(client, "check")["violations"]
-    finally:
-        client.close()
     if args.json:
         emit_json({"violations": violations})
     elif violations:

@@ -44,6 +44,7 @@ def _demo(console: Console, state: StateDir, device: Path | None) -> int:
 
     def step(title: str, vm: str, action: Callable[[], dict[str, Any]]) -> dict[str, Any] | None:
         console.print(f"[bold]▶ {vm}[/]: {title}")
+        writes_before = m.fabric.writes
         try:
             r = action()
         except SlicefabError as e:
@@ -51,7 +52,7 @@ def _demo(console: Console, state: StateDir, device: Path | None) -> int:
             return None
         console.print(
             f"  [green]ok[/]: slice {r['id']} {r['state']}, fabric generation "
-            f"{m.fabric.generation}, {m.fabric.last_writes} register writes"
+            f"{m.fabric.generation}, {m.fabric.writes - writes_before} register writes"
         )
         return r
 
@@ -68,32 +69,21 @@ def _demo(console: Console, state: StateDir, device: Path | None) -> int:
             SliceSpec.from_dict({"owner": vm, **spec}), caller=vm, request_id=rid
         )
 
+    db = alloc(
+        "vm-a",
+        "a-1",
+        name="db",
+        cores={"count": 8, "same_cluster": True},
+        memory={"size": "8 GiB"},
+        lanes={"width": 4, "endpoint": "nvme0"},
+        qos={"priority": 5, "guaranteed": "20 Gbit/s", "maximum": "40 Gbit/s"},
+    )
     a = step(
         "8 cores in one cluster, 8 GiB, the NVMe SSD nvme0 (x4), 20/40 Gbit/s at priority 5",
         "vm-a",
-        alloc(
-            "vm-a",
-            "a-1",
-            name="db",
-            cores={"count": 8, "same_cluster": True},
-            memory={"size": "8 GiB"},
-            lanes={"width": 4, "endpoint": "nvme0"},
-            qos={"priority": 5, "guaranteed": "20 Gbit/s", "maximum": "40 Gbit/s"},
-        ),
+        db,
     )
-    step(
-        "retries the same request (same request id) after a lost reply",
-        "vm-a",
-        alloc(
-            "vm-a",
-            "a-1",
-            name="db",
-            cores={"count": 8, "same_cluster": True},
-            memory={"size": "8 GiB"},
-            lanes={"width": 4, "endpoint": "nvme0"},
-            qos={"priority": 5, "guaranteed": "20 Gbit/s", "maximum": "40 Gbit/s"},
-        ),
-    )
+    step("retries the same request (same request id) after a lost reply", "vm-a", db)
     console.print("  (same slice id: the retry allocated nothing new)")
     b = step(
         "4 cores, 16 GiB non-contiguous, an x2 link, 2 crossbar ports, 10 Gbit/s guaranteed",

@@ -83,22 +83,6 @@ class PutMeta:
 Record = PutSlice | DeleteSlice | PutRequest | PutMeta
 
 
-@dataclass(frozen=True)
-class StoredSlice:
-    id: int
-    owner: str
-    spec: dict[str, Any]
-    alloc: dict[str, Any]
-
-
-@dataclass(frozen=True)
-class StoredRequest:
-    owner: str
-    request_id: str
-    digest: str
-    response: dict[str, Any]
-
-
 _STOP = object()
 
 
@@ -153,16 +137,17 @@ class Ledger:
             )
 
     # ---------------------------------------------------------------- reading (recovery)
+    # Reads return the same record types that were written.
 
-    def slices(self) -> list[StoredSlice]:
+    def slices(self) -> list[PutSlice]:
         rows = self._db.execute("SELECT id, owner, spec, alloc FROM slices ORDER BY id").fetchall()
-        return [StoredSlice(i, o, json.loads(s), json.loads(a)) for i, o, s, a in rows]
+        return [PutSlice(i, o, json.loads(s), json.loads(a)) for i, o, s, a in rows]
 
-    def requests(self) -> list[StoredRequest]:
+    def requests(self) -> list[PutRequest]:
         rows = self._db.execute(
             "SELECT owner, request_id, digest, response FROM requests ORDER BY seq"
         ).fetchall()
-        return [StoredRequest(o, r, d, json.loads(resp)) for o, r, d, resp in rows]
+        return [PutRequest(o, r, d, json.loads(resp)) for o, r, d, resp in rows]
 
     def meta(self, key: str) -> str | None:
         row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()

@@ -110,6 +110,16 @@ class AdminServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
             os.umask(old)
 
 
+def request_message(
+    op: str, args: dict[str, Any] | None = None, request_id: str | None = None
+) -> dict[str, Any]:
+    """The admin request object for ``op`` (what a client sends)."""
+    msg: dict[str, Any] = {"op": op, "args": args or {}}
+    if request_id is not None:
+        msg["request_id"] = request_id
+    return msg
+
+
 class AdminClient:
     """Talks to a running daemon over its admin socket (used by the CLI)."""
 
@@ -123,9 +133,7 @@ class AdminClient:
     def call(
         self, op: str, args: dict[str, Any] | None = None, request_id: str | None = None
     ) -> dict[str, Any]:
-        msg: dict[str, Any] = {"op": op, "args": args or {}}
-        if request_id is not None:
-            msg["request_id"] = request_id
+        msg = request_message(op, args, request_id)
         with self._lock:
             self.sock.sendall(json.dumps(msg).encode() + b"\n")
             line = self._file.readline()
@@ -148,9 +156,7 @@ class LocalClient:
     def call(
         self, op: str, args: dict[str, Any] | None = None, request_id: str | None = None
     ) -> dict[str, Any]:
-        msg: dict[str, Any] = {"op": op, "args": args or {}}
-        if request_id is not None:
-            msg["request_id"] = request_id
+        msg = request_message(op, args, request_id)
         # round-trip through JSON so the in-process path sees exactly what a socket would
         return dict(json.loads(json.dumps(dispatch(self.manager, json.loads(json.dumps(msg))))))
 

@@ -2,7 +2,8 @@
 (many refused), resizes and releases, checked after every step against a deliberately
 simple model — slice id -> owner and the amounts it holds — and against the allocator's
 own invariant checker. A refused call must change nothing; when everything is freed, every
-pool is back to its initial state exactly."""
+pool is back to its initial state exactly. Slices may sit in RELEASING (out of their ports,
+still holding their other units) while other VMs go on allocating."""
 
 from __future__ import annotations
 
@@ -18,11 +19,12 @@ from firmware.errors import (
     InsufficientResources,
     LifecycleError,
     NotFound,
+    RequestError,
     SlicefabError,
 )
 from firmware.inventory import Device, load_device
 from firmware.resources.memory import Extent
-from firmware.slices import Allocation, ResizeSpec, Slice, SliceSpec, SliceState
+from firmware.slices import Allocation, QoS, ResizeSpec, Slice, SliceSpec, SliceState
 
 DEVICE: Device = load_device()
 GRANULE = DEVICE.granule_bytes
@@ -154,7 +156,8 @@ class AllocatorMachine(RuleBasedStateMachine):
         super().__init__()
         self.a = Allocator(DEVICE)
         self.initial = pools(self.a)
-        self.model: dict[int, Held] = {}
+        self.model: dict[int, Held] = {}  # live (RESERVED) slices
+        self.releasing: dict[int, Held] = {}  # begin_release done, release not yet
 
     # -------------------------------------------------------------- helpers
 
@@ -167,8 +170,12 @@ class AllocatorMachine(RuleBasedStateMachine):
             return e
         return None
 
+    def holding(self) -> list[Held]:
+        """Every slice that still holds units: live and releasing."""
+        return [*self.model.values(), *self.releasing.values()]
+
     def free_cores(self) -> int:
-        return DEVICE.cores - sum(h.cores for h in self.model.values())
+        return DEVICE.cores - sum(h.cores for h in self.holding())
 
     # -------------------------------------------------------------- rules
 
@@ -187,7 +194,7 @@ class AllocatorMachine(RuleBasedStateMachine):
                     assert self.free_cores() < spec.cores.count
             return
         s = got[0]
-        assert s.id not in self.model
+        assert s.id not in self.model and s.id not in self.releasing
         assert s.state is SliceState.RESERVED
         assert s.spec == spec
         self.model[s.id] = held_from(spec)
@@ -229,6 +236,57 @@ class AllocatorMachine(RuleBasedStateMachine):
         assert s.owner == old.owner and len(s.alloc.ports) == old.ports
         assert (s.alloc.lanes.width if s.alloc.lanes else 0) == old.width
 
+    @precondition(lambda self: any(h.ports for h in self.model.values()))
+    @rule(data=st.data(), over=st.booleans())
+    def resize_guaranteed_to_the_ports_headroom(self, data: st.DataObject, over: bool) -> None:
+        """QoS resize re-admits: raising a slice's guaranteed bandwidth by exactly the
+        headroom left on its fullest port is admitted; one Mbit/s more is refused (by
+        admission when other slices share the port, else as above a port's capacity)."""
+        demand = self.a.port_demand()
+
+        def others(sid: int) -> int:  # guaranteed of the other slices on its fullest port
+            s = self.a.slices[sid]
+            return (
+                max(demand[p].guaranteed_mbps for p in s.alloc.ports) - s.spec.qos.guaranteed_mbps
+            )
+
+        candidates = sorted(k for k, h in self.model.items() if h.ports)
+        shared = [k for k in candidates if others(k) > 0]
+        sid = data.draw(st.sampled_from(shared if shared and over else candidates))
+        s = self.a.get(sid)
+        headroom = min(CAP - demand[p].guaranteed_mbps for p in s.alloc.ports)
+        target = s.spec.qos.guaranteed_mbps + headroom + over
+        rs = ResizeSpec(qos=QoS(priority=-1, guaranteed_mbps=target, max_mbps=0))
+        err = self.refused(lambda: self.a.resize(sid, rs), snapshot(self.a))
+        event(f"resize to headroom{' + 1' if over else ''}: {type(err).__name__ if err else 'ok'}")
+        if not over:
+            assert err is None, err
+            self.model[sid] = replace(self.model[sid], guaranteed=target)
+            assert max(self.a.port_demand()[p].guaranteed_mbps for p in s.alloc.ports) == CAP
+        elif target > CAP:
+            assert isinstance(err, RequestError) and err.field == "qos.guaranteed", err
+        else:
+            assert isinstance(err, InsufficientResources), err
+
+    @precondition(lambda self: self.model)
+    @rule(data=st.data())
+    def begin_release(self, data: st.DataObject) -> None:
+        """Withdraw a slice from its ports; it keeps its other units until finish_release."""
+        sid = data.draw(st.sampled_from(sorted(self.model)))
+        self.a.begin_release(sid)
+        self.releasing[sid] = self.model.pop(sid)
+        before = snapshot(self.a)
+        assert isinstance(self.refused(lambda: self.a.begin_release(sid), before), LifecycleError)
+        err = self.refused(lambda: self.a.resize(sid, ResizeSpec(qos=QoS(-1, 0, -1))), before)
+        assert err is not None, "a RELEASING slice was resized"
+
+    @precondition(lambda self: self.releasing)
+    @rule(data=st.data())
+    def finish_release(self, data: st.DataObject) -> None:
+        sid = data.draw(st.sampled_from(sorted(self.releasing)))
+        assert self.a.release(sid).state is SliceState.FREED
+        del self.releasing[sid]
+
     @precondition(lambda self: self.model)
     @rule(data=st.data())
     def release(self, data: st.DataObject) -> None:
@@ -248,7 +306,7 @@ class AllocatorMachine(RuleBasedStateMachine):
 
     @rule(sid=st.integers(0, 200))
     def release_unknown(self, sid: int) -> None:
-        if sid in self.model:
+        if sid in self.a.slices:
             return
         before = snapshot(self.a)
         err = self.refused(lambda: self.a.release(sid), before)
@@ -256,7 +314,7 @@ class AllocatorMachine(RuleBasedStateMachine):
         err = self.refused(lambda: self.a.resize(sid, ResizeSpec(cores=1)), before)
         assert isinstance(err, NotFound)
 
-    @precondition(lambda self: self.model)
+    @precondition(lambda self: self.model and not self.releasing)
     @rule()
     def restore_reproduces_the_state(self) -> None:
         b = Allocator(DEVICE)
@@ -282,7 +340,11 @@ class AllocatorMachine(RuleBasedStateMachine):
             self.a.begin_release(sid)
             self.a.release(sid)
             assert self.a.check_invariants() == []
+        for sid in sorted(self.releasing):
+            self.a.release(sid)
+            assert self.a.check_invariants() == []
         self.model.clear()
+        self.releasing.clear()
         assert pools(self.a) == self.initial
         assert self.a.memory.free_extents() == [Extent(0, DEVICE.granules)]
         assert self.a.cores.free_ids() == list(range(DEVICE.cores))
@@ -302,24 +364,29 @@ class AllocatorMachine(RuleBasedStateMachine):
     @invariant()
     def model_agrees_with_the_allocator(self) -> None:
         a = self.a
-        assert set(a.slices) == set(self.model)
-        for sid, h in self.model.items():
-            s = a.slices[sid]
-            assert s.state is SliceState.RESERVED
-            assert s.owner == h.owner
-            assert len(s.alloc.cores) == h.cores
-            assert s.alloc.granules * GRANULE == h.memory
-            assert (s.alloc.lanes.width if s.alloc.lanes else 0) == h.width
-            assert len(s.alloc.ports) == h.ports
-            assert s.spec.qos.guaranteed_mbps == h.guaranteed
+        assert set(a.slices) == set(self.model) | set(self.releasing)
+        for state, table in (
+            (SliceState.RESERVED, self.model),
+            (SliceState.RELEASING, self.releasing),
+        ):
+            for sid, h in table.items():
+                s = a.slices[sid]
+                assert s.state is state
+                assert s.owner == h.owner
+                assert len(s.alloc.cores) == h.cores
+                assert s.alloc.granules * GRANULE == h.memory
+                assert (s.alloc.lanes.width if s.alloc.lanes else 0) == h.width
+                assert len(s.alloc.ports) == h.ports
+                assert s.spec.qos.guaranteed_mbps == h.guaranteed
         used = {k: v["used"] for k, v in a.utilisation().items()}
-        held = self.model.values()
+        held = self.holding()  # units are held until release()...
         assert used["cores"] == sum(h.cores for h in held)
         assert used["memory_granules"] == sum(h.memory for h in held) // GRANULE
         assert used["lanes"] == sum(h.width for h in held)
-        assert used["guaranteed_mbps"] == sum(h.guaranteed * h.ports for h in held)
         assert used["keys"] == len({s.alloc.key for s in a.slices.values()})
-        assert used["ports"] == len({p for s in a.slices.values() for p in s.alloc.ports})
+        live = [a.slices[sid] for sid in self.model]  # ...ports only until begin_release()
+        assert used["guaranteed_mbps"] == sum(h.guaranteed * h.ports for h in self.model.values())
+        assert used["ports"] == len({p for s in live for p in s.alloc.ports})
 
     @invariant()
     def vms_are_isolated(self) -> None:
@@ -330,6 +397,8 @@ class AllocatorMachine(RuleBasedStateMachine):
         port_g: dict[int, int] = {}
         for s in self.a.slices.values():
             key_vm.setdefault(s.alloc.key, set()).add(s.owner)
+            if s.id in self.releasing:
+                continue  # its ports were given back by begin_release()
             for p in s.alloc.ports:
                 port_vm.setdefault(p, set()).add(s.owner)
                 port_g[p] = port_g.get(p, 0) + s.spec.qos.guaranteed_mbps

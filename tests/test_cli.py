@@ -155,29 +155,16 @@ def test_refused_request_exits_1_with_the_reason(tmp_path: Path) -> None:
     assert run_json("slices", "list", state=st) == []
 
 
+ALLOC_A = (
+    "alloc", "--owner", "vm-a", "--cores", "8", "--memory", "8GiB", "--lanes", "4",
+    "--endpoint", "nvme0", "--ports", "2", "--guaranteed", "20Gbit/s", "--request-id", "a-1",
+)  # fmt: skip
+
+
 def test_sigkill_after_ack_then_restart_recovers_and_reprograms(daemon: Daemon) -> None:
     daemon.start()
     st = daemon.state
-    a = run_json(
-        "alloc",
-        "--owner",
-        "vm-a",
-        "--cores",
-        "8",
-        "--memory",
-        "8GiB",
-        "--lanes",
-        "4",
-        "--endpoint",
-        "nvme0",
-        "--ports",
-        "2",
-        "--guaranteed",
-        "20Gbit/s",
-        "--request-id",
-        "a-1",
-        state=st,
-    )
+    a = run_json(*ALLOC_A, state=st)
     b = run_json("alloc", "--owner", "vm-b", "--memory", "2GiB", state=st)
     fabric_before = run_json("fabric", "show", state=st)
     assert fabric_before["backend"] == "model"
@@ -193,26 +180,7 @@ def test_sigkill_after_ack_then_restart_recovers_and_reprograms(daemon: Daemon) 
     assert fabric_after["weight"] == fabric_before["weight"]
     assert run_json("check", state=st) == {"violations": []}
     # the client never saw its reply and retries: no second allocation
-    again = run_json(
-        "alloc",
-        "--owner",
-        "vm-a",
-        "--cores",
-        "8",
-        "--memory",
-        "8GiB",
-        "--lanes",
-        "4",
-        "--endpoint",
-        "nvme0",
-        "--ports",
-        "2",
-        "--guaranteed",
-        "20Gbit/s",
-        "--request-id",
-        "a-1",
-        state=st,
-    )
+    again = run_json(*ALLOC_A, state=st)
     assert again["id"] == a["id"]
     assert len(run_json("slices", "list", state=st)) == 2
 
