@@ -132,6 +132,8 @@ class Allocator:
                     f"x{spec.lanes.width} is wider than the widest port (x{widest})",
                     limit=widest,
                 )
+            if spec.lanes.first is not None:
+                self.lanes.validate(self._lane_group(spec.lanes.first, spec.lanes.width))
             if spec.lanes.endpoint is not None:
                 ep = dev.endpoint(spec.lanes.endpoint)
                 if ep is None:
@@ -298,7 +300,8 @@ class Allocator:
         s = self.get(slice_id)
         if not s.live or slice_id in self._withdrawn:
             raise RequestError(
-                "slice", f"slice {slice_id} is {s.state.value}; only a live slice can be resized",
+                "slice",
+                f"slice {slice_id} is {s.state.value}; only a live slice can be resized",
                 state=s.state.value,
             )
         spec, a = s.spec, s.alloc
@@ -444,8 +447,31 @@ class Allocator:
             )
         )
 
+    def _lane_group(self, first: int, width: int) -> LaneGroup:
+        """The lane group starting at global lane ``first`` (validate() checks alignment)."""
+        if not 0 <= first < self.device.lanes:
+            raise RequestError(
+                "lanes.first",
+                f"no lane {first}; lanes are 0..{self.device.lanes - 1}",
+                limit=self.device.lanes - 1,
+            )
+        port = max(
+            p for p in range(len(self.device.port_lanes)) if self.device.port_first_lane(p) <= first
+        )
+        return LaneGroup(port, first, width)
+
     def _take_lanes(self, spec: SliceSpec) -> LaneGroup:
         assert spec.lanes is not None
+        if spec.lanes.first is not None:
+            group = self._lane_group(spec.lanes.first, spec.lanes.width)
+            taken = [lane for lane in group.lanes if lane in self.device.endpoint_lanes]
+            if taken:
+                raise ResourceConflict(
+                    f"lanes {taken} are wired to an endpoint; pin the endpoint instead",
+                    lanes=taken,
+                )
+            self.lanes.allocate_exact(group)
+            return group
         if spec.lanes.endpoint is not None:
             ep = self.device.endpoint(spec.lanes.endpoint)
             assert ep is not None  # validate() checked it

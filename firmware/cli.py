@@ -221,6 +221,8 @@ def spec_from_args(args: argparse.Namespace) -> dict[str, Any]:
         spec["lanes"] = {"width": args.lanes}
         if args.endpoint:
             spec["lanes"]["endpoint"] = args.endpoint
+        if args.first_lane is not None:
+            spec["lanes"]["first"] = args.first_lane
     if args.key is not None:
         spec["key"] = "auto" if args.key == "auto" else int(args.key)
     if args.ports is not None:
@@ -403,6 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--contiguous", action="store_true", help="memory in one extent")
     a.add_argument("--lanes", type=int, help="PCIe link width 1/2/4/8/16")
     a.add_argument("--endpoint", help="pin the lanes to this endpoint (e.g. nvme0)")
+    a.add_argument("--first-lane", type=int, help="explicit first lane (naturally aligned)")
     a.add_argument("--key", help="protection key number, or 'auto' (default)")
     a.add_argument("--ports", type=int, help="crossbar ports (default 1)")
     a.add_argument("--priority", type=int, help="QoS priority 0-7")

@@ -19,7 +19,7 @@ admin socket::
 
     [lanes]                     # x1/x2/x4/x8/x16, naturally aligned; optionally pinned
     width = 4
-    endpoint = "nvme0"
+    endpoint = "nvme0"          # or: first = 8 (explicit lanes; must be naturally aligned)
 
     [qos]                       # per crossbar port of the slice
     priority = 5                # 0 (lowest) .. 7
@@ -104,6 +104,7 @@ class MemoryRequest:
 class LaneRequest:
     width: int
     endpoint: str | None = None
+    first: int | None = None  # an explicit first lane (global index), naturally aligned
 
 
 @dataclass(frozen=True)
@@ -181,7 +182,10 @@ class SliceSpec:
                     "width", f"x{width} is not a PCIe link width", expected=[1, 2, 4, 8, 16]
                 )
             endpoint = ln.text("endpoint") if ln.has("endpoint") else None
-            lanes = LaneRequest(width, endpoint)
+            first = ln.integer("first", lo=0, hi=255) if ln.has("first") else None
+            if endpoint is not None and first is not None:
+                raise ln.error("first", "give either lanes.endpoint or lanes.first, not both")
+            lanes = LaneRequest(width, endpoint, first)
             ln.done()
 
         raw_key = t.raw("key", "auto")
@@ -234,6 +238,8 @@ class SliceSpec:
             d["lanes"] = {"width": self.lanes.width}
             if self.lanes.endpoint:
                 d["lanes"]["endpoint"] = self.lanes.endpoint
+            if self.lanes.first is not None:
+                d["lanes"]["first"] = self.lanes.first
         d["key"] = "auto" if self.key is None else self.key
         d["qos"] = {
             "priority": self.qos.priority,

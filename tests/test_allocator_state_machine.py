@@ -212,6 +212,31 @@ class AllocatorMachine(RuleBasedStateMachine):
         if got:
             self.model[got[0].id] = held_from(spec)
 
+    @precondition(lambda self: any(h.ports for h in self.model.values()))
+    @rule(data=st.data(), guaranteed=st.sampled_from([0, 10_000, 20_000, 40_000]))
+    def allocate_next_to_own_slices(self, data: st.DataObject, guaranteed: int) -> None:
+        """A VM's new slice joins one of its own ports that has the headroom, if any."""
+        owner = data.draw(
+            st.sampled_from(sorted({h.owner for h in self.model.values() if h.ports}))
+        )
+        demand = self.a.port_demand()
+        own = [p for p, d in enumerate(demand) if d.owner == owner]
+        fits = [p for p in own if demand[p].guaranteed_mbps + guaranteed <= CAP]
+        free = [p for p, d in enumerate(demand) if d.owner is None]
+        # policy: the VM's own port with the fewest slices, else the lowest free port
+        expected = (
+            min(fits, key=lambda p: (self.a.ports[p].slices, p)) if fits else min(free, default=-1)
+        )
+        spec = SliceSpec.from_dict(
+            {"owner": owner, "memory": {"size": GRANULE}, "qos": {"guaranteed": guaranteed}}
+        )
+        got: list[Slice] = []
+        err = self.refused(lambda: got.append(self.a.allocate(spec)), snapshot(self.a))
+        event(f"allocate next to own slices: {type(err).__name__ if err else 'ok'}")
+        if got:
+            assert got[0].alloc.ports == (expected,)
+            self.model[got[0].id] = held_from(spec)
+
     @precondition(lambda self: self.model)
     @rule(data=st.data())
     def resize(self, data: st.DataObject) -> None:

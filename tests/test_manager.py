@@ -107,6 +107,13 @@ def test_vm_sees_and_changes_only_its_own_slices(rm: ResourceManager, state: Sta
         (lambda: spec(lanes={"width": 16}), RequestError, "lanes.width"),
         (lambda: spec(lanes={"width": 2, "endpoint": "nvme0"}), RequestError, "lanes.width"),
         (lambda: spec(lanes={"width": 4, "endpoint": "nvme9"}), RequestError, "lanes.endpoint"),
+        (lambda: spec(lanes={"width": 4, "first": 10}), RequestError, "lanes.first"),  # misaligned
+        (lambda: spec(lanes={"width": 2, "first": 40}), RequestError, "lanes.first"),
+        (
+            lambda: spec(lanes={"width": 4, "first": 8, "endpoint": "nvme1"}),
+            RequestError,
+            "lanes.first",
+        ),
         (lambda: spec(gpus=1), RequestError, "gpus"),
         (lambda: spec(key=16), RequestError, "key"),
         (lambda: spec(ports=65), RequestError, "ports"),
