@@ -30,7 +30,7 @@ from typing import Any
 
 from firmware.errors import LedgerError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: the vms table (VM credentials and request counters)
 #: how many recent request ids are kept for idempotent retries (oldest pruned first)
 REQUEST_RETENTION = 65536
 
@@ -41,6 +41,12 @@ CREATE TABLE IF NOT EXISTS slices (
     owner TEXT NOT NULL,
     spec TEXT NOT NULL,
     alloc TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS vms (
+    vm TEXT PRIMARY KEY,
+    key BLOB NOT NULL,
+    mailbox TEXT NOT NULL,
+    last_seq INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS requests (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -80,7 +86,30 @@ class PutMeta:
     value: str
 
 
-Record = PutSlice | DeleteSlice | PutRequest | PutMeta
+@dataclass(frozen=True)
+class PutVm:
+    """A VM's credential and mailbox (``slicefab vm add``)."""
+
+    vm: str
+    key: bytes
+    mailbox: str
+    last_seq: int = 0
+
+
+@dataclass(frozen=True)
+class DeleteVm:
+    vm: str
+
+
+@dataclass(frozen=True)
+class PutVmSeq:
+    """The highest request sequence number accepted from a VM (never goes down)."""
+
+    vm: str
+    seq: int
+
+
+Record = PutSlice | DeleteSlice | PutRequest | PutMeta | PutVm | DeleteVm | PutVmSeq
 
 
 _STOP = object()
@@ -120,6 +149,11 @@ class Ledger:
             )
             self._db.execute("COMMIT")
             return
+        if meta.get("schema") == "1":  # v1 -> v2 only added the vms table (created above)
+            self._db.execute(
+                "UPDATE meta SET value = ? WHERE key = 'schema'", (str(SCHEMA_VERSION),)
+            )
+            meta["schema"] = str(SCHEMA_VERSION)
         if meta.get("schema") != str(SCHEMA_VERSION):
             raise LedgerError(
                 f"ledger {self.path} has schema {meta.get('schema')}, "
@@ -142,6 +176,10 @@ class Ledger:
     def slices(self) -> list[PutSlice]:
         rows = self._db.execute("SELECT id, owner, spec, alloc FROM slices ORDER BY id").fetchall()
         return [PutSlice(i, o, json.loads(s), json.loads(a)) for i, o, s, a in rows]
+
+    def vms(self) -> list[PutVm]:
+        rows = self._db.execute("SELECT vm, key, mailbox, last_seq FROM vms ORDER BY vm").fetchall()
+        return [PutVm(v, bytes(k), m, s) for v, k, m, s in rows]
 
     def requests(self) -> list[PutRequest]:
         rows = self._db.execute(
@@ -246,8 +284,17 @@ class Ledger:
             seq = cur.lastrowid or 0
             if seq % 1024 == 0:
                 db.execute("DELETE FROM requests WHERE seq <= ?", (seq - REQUEST_RETENTION,))
-        else:
+        elif isinstance(r, PutMeta):
             db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (r.key, r.value))
+        elif isinstance(r, PutVm):
+            db.execute(
+                "INSERT OR REPLACE INTO vms VALUES (?, ?, ?, ?)",
+                (r.vm, r.key, r.mailbox, r.last_seq),
+            )
+        elif isinstance(r, DeleteVm):
+            db.execute("DELETE FROM vms WHERE vm = ?", (r.vm,))
+        else:
+            db.execute("UPDATE vms SET last_seq = MAX(last_seq, ?) WHERE vm = ?", (r.seq, r.vm))
 
     def close(self) -> None:
         """Finish queued writes and close the database."""

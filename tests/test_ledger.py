@@ -90,3 +90,21 @@ def test_commits_are_fsynced(tmp_path: Path) -> None:
     assert led._db.execute("PRAGMA synchronous").fetchone() == (2,)  # FULL
     assert led._db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
     led.close()
+
+
+def test_schema_1_ledger_is_migrated(tmp_path: Path) -> None:
+    Ledger(tmp_path / "l.sqlite", "dev1").close()
+    db = sqlite3.connect(tmp_path / "l.sqlite")
+    db.execute("DROP TABLE vms")  # what a schema-1 ledger looks like
+    db.execute("UPDATE meta SET value = '1' WHERE key = 'schema'")
+    db.commit()
+    db.close()
+    led = Ledger(tmp_path / "l.sqlite", "dev1")
+    assert led.meta("schema") == "2" and led.vms() == []
+    led.close()
+    db = sqlite3.connect(tmp_path / "l.sqlite")
+    db.execute("UPDATE meta SET value = '99' WHERE key = 'schema'")
+    db.commit()
+    db.close()
+    with pytest.raises(LedgerError, match="schema 99"):
+        Ledger(tmp_path / "l.sqlite", "dev1")
