@@ -53,7 +53,10 @@ class PortState:
     kept incrementally so that the fabric image costs O(ports), not O(slices)."""
 
     owner: str | None = None
-    slices: int = 0
+    slices: int = 0  # slices whose traffic the port carries (in the fabric image)
+    # slices withdrawn from the image but not yet released: the port stays held by the VM
+    # (so no other VM can take it) until the fabric has confirmed the withdrawal
+    quarantined: int = 0
     guaranteed_mbps: int = 0
     limit_mbps: int = 0
     priorities: list[int] = field(default_factory=lambda: [0] * (MAX_PRIORITY + 1))
@@ -67,7 +70,10 @@ class PortState:
         return self.cached
 
     def compute_demand(self) -> PortDemand:
-        """The demand from the totals, bypassing the cache (for the invariant checker)."""
+        """The demand from the totals, bypassing the cache (for the invariant checker).
+        A port held only by quarantined slices carries nothing: reset configuration."""
+        if self.slices == 0:
+            return PortDemand()
         top = max((p for p, n in enumerate(self.priorities) if n), default=0)
         mask = 0
         for k in self.keys:
@@ -259,24 +265,44 @@ class Allocator:
             raise NotFound(f"no slice {slice_id}", slice=slice_id)
         return s
 
-    def begin_release(self, slice_id: int) -> Slice:
-        """Move a slice to ``RELEASING`` and take it out of its ports' totals, so the next
-        fabric image no longer lets it through; its other units stay held until
-        :meth:`release`."""
+    def withdraw(self, slice_id: int, state: SliceState) -> Slice:
+        """Move a slice to ``state`` (RELEASING, or ERROR after a failed programming) and
+        take it out of its ports' totals, so the next fabric image no longer carries it.
+        Its ports stay *quarantined* — held by its VM, given to nobody — and its other
+        units stay held, until :meth:`release`, which the manager calls only once the
+        fabric has confirmed the withdrawal."""
         s = self.get(slice_id)
-        s.transition(SliceState.RELEASING)
-        self._give_ports(s.alloc.ports, s.spec.qos, s.alloc.key)
-        self._withdrawn.add(slice_id)
+        s.transition(state)
+        if slice_id not in self._withdrawn:
+            self._give_ports(s.alloc.ports, s.spec.qos, s.alloc.key, quarantine=True)
+            self._withdrawn.add(slice_id)
         return s
+
+    @property
+    def withdrawn(self) -> frozenset[int]:
+        """Slices out of the fabric image whose units are still held (quarantined)."""
+        return frozenset(self._withdrawn)
+
+    def begin_release(self, slice_id: int) -> Slice:
+        """:meth:`withdraw` to ``RELEASING``."""
+        return self.withdraw(slice_id, SliceState.RELEASING)
 
     def release(self, slice_id: int) -> Slice:
         """Give back every unit of a slice and forget it; the slice ends ``FREED``.
-        (The manager calls :meth:`begin_release` and re-programs the fabric first.)"""
+        (The manager withdraws it and re-programs the fabric first.)"""
         s = self.get(slice_id)
-        if slice_id not in self._withdrawn:
-            self.begin_release(slice_id)
-        self._withdrawn.discard(slice_id)
+        if s.state is not SliceState.RELEASING:
+            s.transition(SliceState.RELEASING)
         a = s.alloc
+        if slice_id in self._withdrawn:
+            self._withdrawn.discard(slice_id)
+            for p in a.ports:
+                st = self.ports[p]
+                st.quarantined -= 1
+                if st.quarantined == 0 and st.slices == 0:
+                    self.ports[p] = PortState()
+        else:
+            self._give_ports(a.ports, s.spec.qos, a.key)
         self.cores.release(a.cores)
         self.memory.release(a.extents)
         if a.lanes is not None:
@@ -419,9 +445,16 @@ class Allocator:
             undo.append(lambda: self.memory.release([Extent(last.end, grow)]))
             return tuple(sorted(e for e in (*held, bigger) if e != last)), ()
         if req.contiguous:
+            after = next((e.length for e in self.memory.free_extents() if e.start == last.end), 0)
             raise InsufficientResources(
-                "memory (contiguous, in place)", grow, 0, "granules"
-            ) from None
+                "memory",
+                grow,
+                after,
+                "granules",
+                f"a contiguous slice grows only in place, and only {after} granules right "
+                f"after it (from granule {last.end}) are free",
+                reason="contiguous_in_place",
+            )
         room = self.device.max_extents_per_slice - len(held)
         if room <= 0:
             raise InsufficientResources(
@@ -510,7 +543,8 @@ class Allocator:
 
     def _take_ports(self, owner: str, count: int, qos: QoS, key: int) -> tuple[int, ...]:
         """Pick ``count`` ports: the VM's own ports with headroom first (fewest slices first,
-        to spread load), then free ports (lowest index)."""
+        to spread load), then free ports (lowest index). A quarantined port (only slices
+        being released on it) is neither: it waits for its release."""
         if count == 0:
             return ()
         cap = self.device.crossbar.port_mbps
@@ -518,7 +552,7 @@ class Allocator:
         mine = sorted(
             (p.slices, i)
             for i, p in enumerate(self.ports)
-            if p.owner == owner and p.guaranteed_mbps + guaranteed <= cap
+            if p.owner == owner and p.slices and p.guaranteed_mbps + guaranteed <= cap
         )
         free = [i for i, p in enumerate(self.ports) if p.owner is None]
         picked = [i for _, i in mine][:count]
@@ -563,15 +597,23 @@ class Allocator:
             st.priorities[qos.priority] += 1
             st.keys[key] = st.keys.get(key, 0) + 1
 
-    def _give_ports(self, ports: Iterable[int], qos: QoS, key: int) -> None:
-        """Remove one slice from the totals of ``ports``; a port left empty is free."""
+    def _give_ports(
+        self, ports: Iterable[int], qos: QoS, key: int, *, quarantine: bool = False
+    ) -> None:
+        """Remove one slice from the totals of ``ports``. With ``quarantine`` the port stays
+        held for the slice until :meth:`release`; otherwise a port left empty is free."""
         limit = qos.max_mbps or self.device.crossbar.port_mbps
         for p in ports:
             st = self.ports[p]
             st.slices -= 1
             st.cached = None
+            if quarantine:
+                st.quarantined += 1
             if st.slices == 0:
-                self.ports[p] = PortState()
+                if st.quarantined == 0:
+                    self.ports[p] = PortState()
+                else:
+                    self.ports[p] = PortState(owner=st.owner, quarantined=st.quarantined)
                 continue
             st.guaranteed_mbps -= qos.guaranteed_mbps
             st.limit_mbps -= limit
@@ -642,9 +684,8 @@ class Allocator:
         in_ports = [s for s in live if s.id not in self._withdrawn]
         key_holders: dict[int, set[str]] = {}
         port_holders: dict[int, set[str]] = {}
-        for s in live:  # a RELEASING slice keeps its key until release()
+        for s in live:  # a withdrawn slice keeps its key and (quarantined) ports until release()
             key_holders.setdefault(s.alloc.key, set()).add(s.owner)
-        for s in in_ports:  # ...but gave its ports back at begin_release()
             for port in s.alloc.ports:
                 port_holders.setdefault(port, set()).add(s.owner)
         for kind, holders in (("key", key_holders), ("port", port_holders)):
@@ -665,8 +706,16 @@ class Allocator:
                 bad.append(f"port {i}: totals {fresh} disagree with its slices {recomputed[i]}")
             if p.demand() != fresh:
                 bad.append(f"port {i}: cached demand {p.demand()} is stale (totals: {fresh})")
-            if not on_port and p.owner is not None:
-                bad.append(f"port {i} held by {p.owner} with no slice on it")
+            withdrawn_here = sum(1 for s in live if s.id in self._withdrawn and i in s.alloc.ports)
+            if withdrawn_here != p.quarantined:
+                bad.append(
+                    f"port {i}: {p.quarantined} quarantined, {withdrawn_here} withdrawn slices"
+                )
+            vms_here = port_holders.get(i, set())
+            if p.owner is not None and p.owner not in vms_here:
+                bad.append(f"port {i} held by {p.owner} with no slice of it on the port")
+            if vms_here and p.owner is None:
+                bad.append(f"port {i} is free but slices of {sorted(vms_here)} are on it")
         for k in range(dev.keys):
             users = sum(1 for s in live if s.alloc.key == k)
             if users != self.key_users[k] or (users == 0) != (self.key_owner[k] is None):

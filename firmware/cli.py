@@ -50,7 +50,7 @@ def connect(args: argparse.Namespace) -> Client:
             return AdminClient(state.socket)
         except (ConnectionRefusedError, FileNotFoundError):
             pass  # a stale socket from a daemon that died: work in-process
-    return LocalClient(open_manager(state, args.device))
+    return LocalClient(open_manager(state, args.device), state)
 
 
 @contextlib.contextmanager
@@ -80,16 +80,24 @@ def emit_json(obj: object) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    """Run the daemon until SIGTERM/SIGINT (exit 0), or until a ledger failure (exit 3:
+    memory may be ahead of the disk, so a supervisor must restart it to recover)."""
     state = StateDir(args.state_dir)
     manager = open_manager(state, args.device)
-    server = AdminServer(state.socket, manager)
+    try:
+        server = AdminServer(state.socket, manager)
+    except BaseException:
+        manager.close()
+        state.unlock()
+        raise
 
-    def shutdown(signum: int, frame: object) -> None:
+    def stop() -> None:
         # serve_forever must be stopped from another thread than the one it runs on
         threading.Thread(target=server.shutdown, daemon=True).start()
 
-    signal.signal(signal.SIGTERM, shutdown)
-    signal.signal(signal.SIGINT, shutdown)
+    signal.signal(signal.SIGTERM, lambda signum, frame: stop())
+    signal.signal(signal.SIGINT, lambda signum, frame: stop())
+    manager.on_fatal = stop
     n = len(manager.allocator.slices)
     print(
         f"slicefab: serving device {manager.device.name} on {state.socket} "
@@ -104,6 +112,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         state.socket.unlink(missing_ok=True)
         manager.close()
         state.unlock()
+    if manager.failed is not None:
+        err_console.print(f"slicefab: stopped after a ledger failure: {manager.failed}; "
+                          "restart to recover from the ledger", markup=False)
+        return 3
     return 0
 
 
@@ -210,7 +222,7 @@ def spec_from_args(args: argparse.Namespace) -> dict[str, Any]:
         spec["name"] = args.name
     if args.core_ids:
         spec["cores"] = {
-            "ids": [int(x) for x in args.core_ids.split(",")],
+            "ids": args.core_ids,
             "same_cluster": args.same_cluster,
         }
     elif args.cores is not None:
@@ -224,7 +236,7 @@ def spec_from_args(args: argparse.Namespace) -> dict[str, Any]:
         if args.first_lane is not None:
             spec["lanes"]["first"] = args.first_lane
     if args.key is not None:
-        spec["key"] = "auto" if args.key == "auto" else int(args.key)
+        spec["key"] = args.key
     if args.ports is not None:
         spec["ports"] = args.ports
     qos = {
@@ -349,6 +361,25 @@ def cmd_bench(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------- parser
 
 
+def _id_list(text: str) -> list[int]:
+    try:
+        ids = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a comma-separated list of core ids, e.g. 0,1,2"
+        ) from None
+    return ids
+
+
+def _key(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a key number or 'auto'") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
@@ -399,14 +430,14 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--owner", help="owner VM id")
     a.add_argument("--name", help="a label")
     a.add_argument("--cores", type=int, help="number of cores")
-    a.add_argument("--core-ids", help="explicit core ids, comma-separated")
+    a.add_argument("--core-ids", type=_id_list, help="explicit core ids, comma-separated")
     a.add_argument("--same-cluster", action="store_true", help="all cores in one cluster")
     a.add_argument("--memory", help="memory size, e.g. '4GiB'")
     a.add_argument("--contiguous", action="store_true", help="memory in one extent")
     a.add_argument("--lanes", type=int, help="PCIe link width 1/2/4/8/16")
     a.add_argument("--endpoint", help="pin the lanes to this endpoint (e.g. nvme0)")
     a.add_argument("--first-lane", type=int, help="explicit first lane (naturally aligned)")
-    a.add_argument("--key", help="protection key number, or 'auto' (default)")
+    a.add_argument("--key", type=_key, help="protection key number, or 'auto' (default)")
     a.add_argument("--ports", type=int, help="crossbar ports (default 1)")
     a.add_argument("--priority", type=int, help="QoS priority 0-7")
     a.add_argument("--guaranteed", help="guaranteed bandwidth per port, e.g. '10Gbit/s'")

@@ -81,6 +81,14 @@ class PutRequest:
 
 
 @dataclass(frozen=True)
+class DeleteRequest:
+    """Forget a request's stored result (its change was rolled back)."""
+
+    owner: str
+    request_id: str
+
+
+@dataclass(frozen=True)
 class PutMeta:
     key: str
     value: str
@@ -109,7 +117,9 @@ class PutVmSeq:
     seq: int
 
 
-Record = PutSlice | DeleteSlice | PutRequest | PutMeta | PutVm | DeleteVm | PutVmSeq
+Record = (
+    PutSlice | DeleteSlice | PutRequest | DeleteRequest | PutMeta | PutVm | DeleteVm | PutVmSeq
+)
 
 
 _STOP = object()
@@ -284,6 +294,10 @@ class Ledger:
             seq = cur.lastrowid or 0
             if seq % 1024 == 0:
                 db.execute("DELETE FROM requests WHERE seq <= ?", (seq - REQUEST_RETENTION,))
+        elif isinstance(r, DeleteRequest):
+            db.execute(
+                "DELETE FROM requests WHERE owner = ? AND request_id = ?", (r.owner, r.request_id)
+            )
         elif isinstance(r, PutMeta):
             db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (r.key, r.value))
         elif isinstance(r, PutVm):

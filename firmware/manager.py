@@ -19,6 +19,7 @@ retry with different parameters is refused (:class:`IdempotencyConflict`).
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -42,7 +43,15 @@ from firmware.errors import (
 )
 from firmware.fabric.driver import FabricDriver
 from firmware.inventory import Device, load_device
-from firmware.ledger import REQUEST_RETENTION, DeleteSlice, Ledger, PutRequest, PutSlice, Record
+from firmware.ledger import (
+    REQUEST_RETENTION,
+    DeleteRequest,
+    DeleteSlice,
+    Ledger,
+    PutRequest,
+    PutSlice,
+    Record,
+)
 from firmware.slices import Allocation, ResizeSpec, Slice, SliceSpec, SliceState
 
 ADMIN: str | None = None  # the caller identity of the admin socket / CLI: sees every slice
@@ -52,11 +61,23 @@ REQUEST_ID_MAX = 128
 
 @dataclass
 class _Pending:
-    """A request id whose first execution is still in flight (not yet durable)."""
+    """A request id and the outcome of its first execution: ``done`` completes with the
+    response, or with the exception, when that execution has finished — durable *and*
+    programmed. A retry waits on it, so it is never acknowledged earlier than the first."""
 
     digest: str
-    response: dict[str, Any]
-    durable: Future[None]
+    done: Future[dict[str, Any]]
+
+
+@dataclass
+class _Request:
+    """One call: who made it (its request-id scope), its id and the digest of its
+    parameters, and its pending entry once registered."""
+
+    who: str
+    request_id: str | None
+    digest: str
+    pending: _Pending | None = None
 
 
 class ResourceManager:
@@ -69,9 +90,16 @@ class ResourceManager:
         self.allocator = Allocator(device)
         self._lock = threading.Lock()
         self._fabric_lock = threading.Lock()
+        self._fail_lock = threading.Lock()
         self._version = 0  # bumped on every change of the live slice table
         self._synced_version = -1
         self._requests: OrderedDict[tuple[str, str], _Pending] = OrderedDict()
+        # withdrawn slices whose deletion is durable, released once a fabric sync succeeds
+        self._pending_release: set[int] = set()
+        #: set on a ledger failure: every later request is refused (fail-stop)
+        self.failed: BaseException | None = None
+        #: called once when the manager fails (the daemon stops serving and exits)
+        self.on_fatal: Callable[[], None] | None = None
         self._recover()
 
     # ------------------------------------------------------------------ start-up
@@ -89,10 +117,10 @@ class ResourceManager:
         next_id = self.ledger.meta("next_slice_id")
         if next_id is not None:
             self.allocator.next_id = max(self.allocator.next_id, int(next_id))
-        done: Future[None] = Future()
-        done.set_result(None)
         for r in self.ledger.requests():
-            self._remember(r.owner, r.request_id, _Pending(r.digest, r.response, done))
+            done: Future[dict[str, Any]] = Future()
+            done.set_result(r.response)
+            self._remember(r.owner, r.request_id, _Pending(r.digest, done))
         self._version += 1
         self._sync_fabric()
         with self._lock:
@@ -104,11 +132,12 @@ class ResourceManager:
     def allocate(
         self, spec: SliceSpec, *, caller: str | None = ADMIN, request_id: str | None = None
     ) -> dict[str, Any]:
-        """Allocate a slice for ``spec.owner``; returns the slice as a dict once durable
+        """Allocate a slice for ``spec.owner``; returns the slice as a dict once it is durable
         and programmed. A VM caller may only allocate for itself.
 
         Raises RequestError, InsufficientResources, ResourceConflict, PermissionDenied,
-        IdempotencyConflict, LedgerError (fatal), FabricError (the slice is rolled back).
+        IdempotencyConflict, LedgerError (fatal: the manager stops), FabricError (the slice
+        is rolled back; its units come back once the crossbar confirms).
         """
         if caller is not ADMIN and spec.owner != caller:
             raise PermissionDenied(
@@ -116,13 +145,27 @@ class ResourceManager:
                 caller=caller,
                 owner=spec.owner,
             )
-
-        def change() -> tuple[list[Record], dict[str, Any], Slice]:
-            s = self.allocator.allocate(spec)
-            resp = self._view(s, SliceState.ACTIVE)
-            return [PutSlice(s.id, s.owner, spec.to_dict(), s.alloc.to_dict())], resp, s
-
-        return self._run(caller, request_id, "allocate", spec.to_dict(), change)
+        req = self._request(caller, request_id, "allocate", spec.to_dict())
+        if (earlier := self._start(req)) is not None:
+            return earlier.done.result()  # the first execution's outcome, once finished
+        try:
+            with self._lock:
+                s = self.allocator.allocate(spec)
+                response = self._view(s, SliceState.ACTIVE)
+                record = PutSlice(s.id, s.owner, spec.to_dict(), s.alloc.to_dict())
+                durable = self._submit(req, [record], response)
+            self._await_durable(durable)
+            try:
+                self._sync_fabric()
+            except FabricError:
+                self._roll_back_new(s, req)
+                raise
+            with self._lock:
+                self._activate(s)
+        except BaseException as e:
+            self._fail_request(req, e)
+            raise
+        return self._succeed(req, response)
 
     def resize(
         self,
@@ -132,40 +175,84 @@ class ResourceManager:
         caller: str | None = ADMIN,
         request_id: str | None = None,
     ) -> dict[str, Any]:
-        """Resize a live slice in place; it stays active throughout. All-or-nothing."""
+        """Resize a live slice in place; it stays active throughout. All-or-nothing.
 
-        def change() -> tuple[list[Record], dict[str, Any], Slice]:
-            s = self._owned(slice_id, caller)
-            if s.state is not SliceState.ACTIVE:
-                raise RequestError(
-                    "slice", f"slice {slice_id} is {s.state.value}, not active", state=s.state.value
-                )
-            self.allocator.resize(slice_id, rs)
-            return (
-                [PutSlice(s.id, s.owner, s.spec.to_dict(), s.alloc.to_dict())],
-                self._view(s, SliceState.ACTIVE),
-                s,
-            )
-
-        return self._run(caller, request_id, "resize", {"slice": slice_id, **rs.to_dict()}, change)
+        Targets are absolute, so re-executing a resize is harmless: after a FabricError the
+        resize stays recorded (ports never change hands in a resize, so isolation is not at
+        stake), the crossbar gets it at the next successful reconfiguration, and a retry
+        with the same request id executes again."""
+        req = self._request(caller, request_id, "resize", {"slice": slice_id, **rs.to_dict()})
+        if (earlier := self._start(req)) is not None:
+            return earlier.done.result()
+        try:
+            with self._lock:
+                s = self._owned(slice_id, caller)
+                if s.state is not SliceState.ACTIVE:
+                    raise RequestError(
+                        "slice",
+                        f"slice {slice_id} is {s.state.value}, not active",
+                        state=s.state.value,
+                    )
+                self.allocator.resize(slice_id, rs)
+                response = self._view(s, SliceState.ACTIVE)
+                record = PutSlice(s.id, s.owner, s.spec.to_dict(), s.alloc.to_dict())
+                durable = self._submit(req, [record], response)
+            self._await_durable(durable)
+            try:
+                self._sync_fabric()
+            except FabricError as e:
+                self._forget_stored(req)
+                raise FabricError(
+                    f"slice {slice_id} is resized in the ledger but the crossbar refused the "
+                    f"new configuration ({e.message}); it is applied at the next successful "
+                    "reconfiguration, or retry the request",
+                    slice=slice_id,
+                ) from e
+        except BaseException as e:
+            self._fail_request(req, e)
+            raise
+        return self._succeed(req, response)
 
     def free(
         self, slice_id: int, *, caller: str | None = ADMIN, request_id: str | None = None
     ) -> dict[str, Any]:
-        """Take a slice out of the fabric, then give back all its units."""
+        """Take a slice out of the fabric, then give back all its units.
 
-        def change() -> tuple[list[Record], dict[str, Any], Slice]:
-            s = self._owned(slice_id, caller)
-            if s.state is not SliceState.ACTIVE and s.state is not SliceState.ERROR:
-                raise RequestError(
-                    "slice",
-                    f"slice {slice_id} is {s.state.value}; only an active slice can be freed",
-                    state=s.state.value,
-                )
-            self.allocator.begin_release(slice_id)
-            return [DeleteSlice(slice_id)], self._view(s, SliceState.FREED), s
-
-        return self._run(caller, request_id, "free", {"slice": slice_id}, change, release=True)
+        The slice leaves the crossbar's image first; its ports stay quarantined (held, given
+        to nobody) until the crossbar has confirmed; then every unit is released and the
+        release queued to the ledger in the same step, so no unit is ever reachable by two
+        VMs and the ledger never holds one unit twice. If the crossbar refuses, the slice is
+        left in ``error`` with its units quarantined; freeing it again retries."""
+        req = self._request(caller, request_id, "free", {"slice": slice_id})
+        if (earlier := self._start(req)) is not None:
+            return earlier.done.result()
+        try:
+            with self._lock:
+                s = self._owned(slice_id, caller)
+                if s.state not in (SliceState.ACTIVE, SliceState.ERROR):
+                    raise RequestError(
+                        "slice",
+                        f"slice {slice_id} is {s.state.value}; only an active slice (or one "
+                        "left in error) can be freed",
+                        state=s.state.value,
+                    )
+                self.allocator.begin_release(slice_id)
+                self._version += 1
+            try:
+                self._sync_fabric()
+            except FabricError:
+                with self._lock:
+                    s.transition(SliceState.ERROR)
+                raise
+            with self._lock:
+                response = self._view(s, SliceState.FREED)
+                self.allocator.release(slice_id)
+                durable = self._submit(req, [DeleteSlice(slice_id)], response)
+            self._await_durable(durable)
+        except BaseException as e:
+            self._fail_request(req, e)
+            raise
+        return self._succeed(req, response)
 
     def get(self, slice_id: int, *, caller: str | None = ADMIN) -> dict[str, Any]:
         with self._lock:
@@ -200,14 +287,33 @@ class ResourceManager:
             },
         }
 
-    def check_invariants(self) -> list[str]:
-        """Allocator invariants plus: the fabric's image is what the slice table implies."""
-        with self._lock:
-            bad = self.allocator.check_invariants()
-            live = [s for s in self.allocator.slices.values() if s.live]
-        with self._fabric_lock:
-            bad += self.fabric.check(live)
-        return bad
+    def check_invariants(self, attempts: int = 100) -> list[str]:
+        """Allocator invariants, plus: the crossbar, read back, holds what the slice table
+        implies. The crossbar is brought up to date first and the comparison made under the
+        lock at a moment when the table is exactly what was last programmed, so a busy but
+        healthy device reports nothing (after ``attempts`` tries under constant change, it
+        compares anyway and may report changes still in flight)."""
+        for attempt in range(attempts):
+            with self._fabric_lock:
+                failure: list[str] = []
+                try:
+                    self._sync_locked()
+                except FabricError as e:
+                    failure = [f"the crossbar refused the latest configuration: {e.message}"]
+                with self._lock:
+                    if self._version != self._synced_version and attempt < attempts - 1:
+                        continue  # changed since the sync: sync again
+                    in_image = [
+                        s
+                        for s in self.allocator.slices.values()
+                        if s.live and s.id not in self.allocator.withdrawn
+                    ]
+                    return [
+                        *failure,
+                        *self.allocator.check_invariants(),
+                        *self.fabric.check(in_image),
+                    ]
+        return []  # not reached: the last attempt always compares
 
     # ------------------------------------------------------------------ machinery
 
@@ -222,81 +328,124 @@ class ResourceManager:
             )
         return s
 
-    def _run(
-        self,
-        caller: str | None,
-        request_id: str | None,
-        op: str,
-        params: dict[str, Any],
-        change: Callable[[], tuple[list[Record], dict[str, Any], Slice]],
-        release: bool = False,
-    ) -> dict[str, Any]:
-        """Run one state change with idempotency, durability and fabric programming.
-
-        A change that takes units is made durable, then programmed into the fabric, then
-        acknowledged. A ``release`` is taken out of the fabric first, then its units are
-        given back and the release made durable, so no unit is ever reachable by two VMs.
-        Request ids are scoped by caller (a VM, or the admin).
-        """
+    def _request(
+        self, caller: str | None, request_id: str | None, op: str, params: dict[str, Any]
+    ) -> _Request:
         if request_id is not None and (
             not isinstance(request_id, str) or not 0 < len(request_id) <= REQUEST_ID_MAX
         ):
             raise RequestError("request_id", f"expected a string of 1..{REQUEST_ID_MAX} characters")
-        who = _ADMIN_SCOPE if caller is None else caller
         digest = hashlib.sha256(json.dumps([op, params], sort_keys=True).encode()).hexdigest()
-        with self._lock:
-            seen = None if request_id is None else self._requests.get((who, request_id))
-            if seen is None:
-                records, response, s = change()
-                self._version += 1
-                if not release:
-                    durable = self._submit(who, request_id, digest, records, response)
-            elif seen.digest != digest:
-                raise IdempotencyConflict(
-                    f"request id {request_id!r} was already used for a different request",
-                    request_id=request_id,
-                )
-        if seen is not None:
-            seen.durable.result()  # a retry racing the first execution waits for it
-            return seen.response
+        who = _ADMIN_SCOPE if caller is None else caller  # request ids are scoped by caller
+        return _Request(who, request_id, digest)
 
-        if release:
-            self._sync_fabric()  # the slice is RELEASING: not in the image any more
+    def _start(self, req: _Request) -> _Pending | None:
+        """Refuse if the manager failed; return the earlier execution of this request id if
+        there is one; otherwise register this execution as pending. Raises
+        IdempotencyConflict when the id was used with different parameters."""
+        with self._lock:
+            self._check_alive()
+            if req.request_id is None:
+                return None
+            seen = self._requests.get((req.who, req.request_id))
+            if seen is not None:
+                if seen.digest != req.digest:
+                    raise IdempotencyConflict(
+                        f"request id {req.request_id!r} was already used for a different request",
+                        request_id=req.request_id,
+                    )
+                return seen
+            req.pending = _Pending(req.digest, Future())
+            self._remember(req.who, req.request_id, req.pending)
+            return None
+
+    def _fail_request(self, req: _Request, e: BaseException) -> None:
+        """The first execution failed: retries waiting on it get the same error, and the
+        request id is forgotten so that a later retry executes afresh. Lock not held."""
+        if req.pending is not None and req.request_id is not None:
             with self._lock:
-                self.allocator.release(s.id)
-                self._version += 1
-                durable = self._submit(who, request_id, digest, records, response)
-            durable.result()
-            return response
+                if self._requests.get((req.who, req.request_id)) is req.pending:
+                    del self._requests[(req.who, req.request_id)]
+            if not req.pending.done.done():
+                req.pending.done.set_exception(e)
+                req.pending.done.exception()  # retrieved: no "never retrieved" warning
 
-        try:
-            durable.result()
-        except Exception as e:
-            raise LedgerError(f"ledger write failed; the firmware must restart: {e}") from e
-        try:
-            self._sync_fabric()
-        except FabricError:
-            self._undo_unprogrammed(s)
-            raise
-        with self._lock:
-            self._activate(s)
+    def _succeed(self, req: _Request, response: dict[str, Any]) -> dict[str, Any]:
+        if req.pending is not None:
+            req.pending.done.set_result(response)
         return response
 
     def _submit(
-        self,
-        who: str,
-        request_id: str | None,
-        digest: str,
-        records: list[Record],
-        response: dict[str, Any],
+        self, req: _Request, records: list[Record], response: dict[str, Any]
     ) -> Future[None]:
-        """Queue the change (and the request's result) for the ledger. Lock held."""
-        if request_id is not None:
-            records = [*records, PutRequest(who, request_id, digest, response)]
-        durable = self.ledger.submit(records)
-        if request_id is not None:
-            self._remember(who, request_id, _Pending(digest, response, durable))
-        return durable
+        """Queue the change (and the request's result) for the ledger. Lock held. A ledger
+        that refuses is fatal (fail-stop): memory is now ahead of the disk."""
+        if req.request_id is not None:
+            records = [*records, PutRequest(req.who, req.request_id, req.digest, response)]
+        self._version += 1
+        try:
+            return self.ledger.submit(records)
+        except LedgerError as e:
+            self._fail(e)
+            raise
+
+    def _await_durable(self, durable: Future[None]) -> None:
+        try:
+            durable.result()
+        except Exception as e:
+            self._fail(e)
+            raise LedgerError(
+                f"ledger write failed; the firmware stops and must restart: {e}"
+            ) from e
+
+    def _fail(self, e: BaseException) -> None:
+        """Fail-stop: refuse everything from now on and tell the daemon to exit."""
+        with self._fail_lock:
+            first = self.failed is None
+            if first:
+                self.failed = e
+        if first and self.on_fatal is not None:
+            self.on_fatal()
+
+    def _check_alive(self) -> None:
+        if self.failed is not None:
+            raise LedgerError(
+                f"the firmware stopped after a ledger failure ({self.failed}); restart it to "
+                "recover from the ledger"
+            )
+
+    def _forget_stored(self, req: _Request) -> None:
+        """Delete a request's stored result from the ledger (its outcome changed)."""
+        if req.request_id is not None:
+            with self._lock:
+                try:
+                    durable = self.ledger.submit([DeleteRequest(req.who, req.request_id)])
+                except LedgerError as e:
+                    self._fail(e)
+                    raise
+            self._await_durable(durable)
+
+    def _roll_back_new(self, s: Slice, req: _Request) -> None:
+        """The crossbar refused a new slice after it became durable: take it out of the
+        image (ports quarantined), delete it and its stored result durably, and release
+        its units once a sync succeeds."""
+        with self._lock:
+            self.allocator.withdraw(s.id, SliceState.ERROR)
+            records: list[Record] = [DeleteSlice(s.id)]
+            if req.request_id is not None:
+                records.append(DeleteRequest(req.who, req.request_id))
+            self._version += 1
+            try:
+                durable = self.ledger.submit(records)
+            except LedgerError as e:
+                self._fail(e)
+                raise
+        self._await_durable(durable)
+        with self._lock:
+            self._pending_release.add(s.id)
+            self._version += 1
+        with contextlib.suppress(FabricError):  # units stay quarantined until a sync works
+            self._sync_fabric()
 
     def _activate(self, s: Slice) -> None:
         if s.state is SliceState.RESERVED:
@@ -304,26 +453,25 @@ class ResourceManager:
         if s.state is SliceState.PROGRAMMED:
             s.transition(SliceState.ACTIVE)
 
-    def _undo_unprogrammed(self, s: Slice) -> None:
-        """The fabric refused a new slice: mark it error, take it out, give units back."""
-        with self._lock:
-            if s.state in (SliceState.RESERVED, SliceState.PROGRAMMED):
-                s.transition(SliceState.ERROR)
-                self.allocator.release(s.id)
-                self._version += 1
-                durable = self.ledger.submit([DeleteSlice(s.id)])
-        durable.result()
-        self._sync_fabric()
-
     def _sync_fabric(self) -> None:
         with self._fabric_lock:
-            with self._lock:
-                version = self._version
-                if version == self._synced_version:
-                    return
-                demand = self.allocator.port_demand()
-            self.fabric.sync(demand)
+            self._sync_locked()
+
+    def _sync_locked(self) -> None:
+        """Program the crossbar from the current table (fabric lock held); then release
+        the units of rolled-back slices, which the crossbar no longer carries."""
+        with self._lock:
+            version = self._version
+            if version == self._synced_version:
+                return
+            demand = self.allocator.port_demand()
+            releasable = set(self._pending_release)
+        self.fabric.sync(demand)
+        with self._lock:
             self._synced_version = version
+            for sid in releasable:
+                self.allocator.release(sid)
+                self._pending_release.discard(sid)
 
     def _remember(self, owner: str, request_id: str, p: _Pending) -> None:
         self._requests[(owner, request_id)] = p

@@ -10,6 +10,7 @@ and the CLI when it works on a state directory in-process, so both behave identi
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import socketserver
@@ -18,14 +19,27 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from firmware.errors import RequestError, SlicefabError
-from firmware.manager import ADMIN, ResourceManager
+from firmware.errors import ConfigError, RequestError, SlicefabError
+from firmware.manager import ADMIN, ResourceManager, StateDir
 from firmware.slices import ResizeSpec, SliceSpec
 
 #: a request line larger than this is refused before it is parsed
 MAX_REQUEST_BYTES = 64 * 1024
+#: an admin connection idle for longer than this is closed
+IDLE_TIMEOUT_S = 300.0
+#: the longest Unix socket path Linux accepts (sun_path is 108 bytes with the NUL)
+MAX_SOCKET_PATH = 107
+
+log = logging.getLogger("slicefab.service")
 
 Handler = Callable[[ResourceManager, dict[str, Any], str | None], Any]
+
+
+def _arg(args: dict[str, Any], name: str) -> dict[str, Any]:
+    value = args.get(name)
+    if not isinstance(value, dict):
+        raise RequestError(f"args.{name}", f"expected a JSON object, got {value!r:.60}")
+    return value
 
 
 def _slice_id(args: dict[str, Any]) -> int:
@@ -40,9 +54,9 @@ OPS: dict[str, Handler] = {
     "status": lambda m, a, r: m.status(),
     "list": lambda m, a, r: m.list_slices(owner=a.get("owner")),
     "show": lambda m, a, r: m.get(_slice_id(a)),
-    "allocate": lambda m, a, r: m.allocate(SliceSpec.from_dict(a.get("spec")), request_id=r),
+    "allocate": lambda m, a, r: m.allocate(SliceSpec.from_dict(_arg(a, "spec")), request_id=r),
     "resize": lambda m, a, r: m.resize(
-        _slice_id(a), ResizeSpec.from_dict(a.get("resize")), request_id=r
+        _slice_id(a), ResizeSpec.from_dict(_arg(a, "resize")), request_id=r
     ),
     "free": lambda m, a, r: m.free(_slice_id(a), request_id=r),
     "fabric": lambda m, a, r: m.fabric.describe(),
@@ -56,7 +70,7 @@ def dispatch(manager: ResourceManager, request: object) -> dict[str, Any]:
         if not isinstance(request, dict):
             raise RequestError("request", "expected a JSON object")
         op = request.get("op")
-        if op not in OPS:
+        if not isinstance(op, str) or op not in OPS:
             raise RequestError("op", f"unknown operation {op!r}", expected=sorted(OPS))
         args = request.get("args", {})
         if not isinstance(args, dict):
@@ -67,10 +81,19 @@ def dispatch(manager: ResourceManager, request: object) -> dict[str, Any]:
         return {"ok": True, "result": OPS[op](manager, args, rid)}
     except SlicefabError as e:
         return {"ok": False, "error": e.to_dict()}
+    except Exception as e:  # a bug: answer it, log it, keep serving
+        log.exception("internal error while handling %.200r", request)
+        return {"ok": False, "error": {"code": "internal", "message": f"internal error: {e!r}",
+                                       "details": {}}}
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a number JSON allows")
 
 
 class _Connection(socketserver.StreamRequestHandler):
     server: AdminServer
+    timeout = IDLE_TIMEOUT_S  # an idle connection is closed, its thread freed
 
     def handle(self) -> None:
         while True:
@@ -87,9 +110,12 @@ class _Connection(socketserver.StreamRequestHandler):
                 self.wfile.write(json.dumps(answer).encode() + b"\n")
                 return  # the rest of the line is unread: the stream is out of step, hang up
             try:
-                request = json.loads(line)
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                answer = {"ok": False, "error": RequestError("request", f"not JSON: {e}").to_dict()}
+                request = json.loads(line, parse_constant=_refuse_constant)
+            except (ValueError, RecursionError, UnicodeDecodeError) as e:  # JSONDecodeError too
+                answer = {
+                    "ok": False,
+                    "error": RequestError("request", f"not acceptable JSON: {e}").to_dict(),
+                }
             else:
                 answer = dispatch(self.server.manager, request)
             self.wfile.write(json.dumps(answer).encode() + b"\n")
@@ -102,6 +128,12 @@ class AdminServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
 
     def __init__(self, path: Path, manager: ResourceManager) -> None:
         self.manager = manager
+        if len(str(path).encode()) > MAX_SOCKET_PATH:
+            raise ConfigError(
+                f"admin socket path {path} is {len(str(path).encode())} bytes; Unix sockets "
+                f"allow at most {MAX_SOCKET_PATH}: use a shorter --state-dir",
+                limit=MAX_SOCKET_PATH,
+            )
         path.unlink(missing_ok=True)
         old = os.umask(0o177)
         try:
@@ -148,10 +180,12 @@ class AdminClient:
 
 
 class LocalClient:
-    """The same interface as :class:`AdminClient`, on an in-process manager."""
+    """The same interface as :class:`AdminClient`, on an in-process manager that owns
+    (and on close releases) its state directory."""
 
-    def __init__(self, manager: ResourceManager) -> None:
+    def __init__(self, manager: ResourceManager, state: StateDir) -> None:
         self.manager = manager
+        self.state = state
 
     def call(
         self, op: str, args: dict[str, Any] | None = None, request_id: str | None = None
@@ -162,6 +196,7 @@ class LocalClient:
 
     def close(self) -> None:
         self.manager.close()
+        self.state.unlock()
 
 
 __all__ = ["ADMIN", "OPS", "AdminClient", "AdminServer", "LocalClient", "dispatch"]

@@ -824,11 +824,20 @@ def test_resize_of_a_releasing_slice_is_refused(a: Allocator) -> None:
     refused(a, SlicefabError, lambda: a.resize(going.id, resize(qos={"guaranteed": 2000})))
 
 
-def test_a_port_withdrawn_by_begin_release_may_be_reused_before_release(a: Allocator) -> None:
+def test_a_withdrawn_slice_keeps_its_ports_quarantined_until_release(a: Allocator) -> None:
+    """Between begin_release and release the fabric may still carry the slice's traffic,
+    so its ports must not go to anybody until the release."""
     going = ok(a, spec(cores={"count": 1}))
     a.begin_release(going.id)
+    assert a.port_demand()[going.alloc.ports[0]].owner is None  # out of the fabric image
     other = a.allocate(spec("vm-b", cores={"count": 1}))
-    assert other.alloc.ports == going.alloc.ports  # the port really is free again
+    same_vm = a.allocate(spec("vm-a", cores={"count": 1}))
+    assert going.alloc.ports[0] not in other.alloc.ports + same_vm.alloc.ports
+    assert a.check_invariants() == []
+    a.release(going.id)
+    assert a.check_invariants() == []
+    third = a.allocate(spec("vm-c", cores={"count": 1}))
+    assert third.alloc.ports == going.alloc.ports  # free again once released
     assert a.check_invariants() == []
 
 

@@ -222,7 +222,7 @@ class AllocatorMachine(RuleBasedStateMachine):
         demand = self.a.port_demand()
         own = [p for p, d in enumerate(demand) if d.owner == owner]
         fits = [p for p in own if demand[p].guaranteed_mbps + guaranteed <= CAP]
-        free = [p for p, d in enumerate(demand) if d.owner is None]
+        free = [p for p, st_ in enumerate(self.a.ports) if st_.owner is None]  # not quarantined
         # policy: the VM's own port with the fewest slices, else the lowest free port
         expected = (
             min(fits, key=lambda p: (self.a.ports[p].slices, p)) if fits else min(free, default=-1)
@@ -409,9 +409,10 @@ class AllocatorMachine(RuleBasedStateMachine):
         assert used["memory_granules"] == sum(h.memory for h in held) // GRANULE
         assert used["lanes"] == sum(h.width for h in held)
         assert used["keys"] == len({s.alloc.key for s in a.slices.values()})
-        live = [a.slices[sid] for sid in self.model]  # ...ports only until begin_release()
+        # guaranteed bandwidth leaves the ports at begin_release(); the ports themselves stay
+        # held (quarantined) until release(), so no other VM gets them while still in use
         assert used["guaranteed_mbps"] == sum(h.guaranteed * h.ports for h in self.model.values())
-        assert used["ports"] == len({p for s in live for p in s.alloc.ports})
+        assert used["ports"] == len({p for s in a.slices.values() for p in s.alloc.ports})
 
     @invariant()
     def vms_are_isolated(self) -> None:

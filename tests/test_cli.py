@@ -209,6 +209,11 @@ def test_daemon_answers_malformed_requests(daemon: Daemon) -> None:
         s.connect(str(daemon.state / "admin.sock"))
         f = s.makefile("rwb")
         for raw in (
+            b'{"op": []}\n',  # unhashable op
+            b'{"op": "allocate", "args": {"spec": {"owner": "vm", "ports": NaN}}}\n',
+            b'{"op": "show", "args": {"slice": ' + b"9" * 5000 + b"}}\n",  # int too long
+            b"[" * 5000 + b"]" * 5000 + b"\n",  # nesting deeper than the parser allows
+            b'{"op": "allocate", "args": {}}\n',  # no spec
             b"not json\n",
             b"[1,2]\n",
             b'{"op": "format-disk"}\n',
@@ -248,3 +253,23 @@ def test_bench_alloc_prints_named_figures(tmp_path: Path) -> None:
         assert isinstance(figures[key], (int, float)) and figures[key] > 0, key
     assert figures["invariant_violations"] == 0
     assert time.monotonic() - t0 < 300
+
+
+def test_in_process_commands_release_the_state_dir(tmp_path: Path) -> None:
+    from firmware.cli import main
+
+    st = str(tmp_path / "state")
+    assert main(["alloc", "--owner", "vm-a", "--memory", "2MiB", "--state-dir", st]) == 0
+    assert main(["slices", "list", "--state-dir", st]) == 0  # same process: lock was released
+
+
+def test_bad_cli_values_are_usage_errors(tmp_path: Path) -> None:
+    for args in (["--core-ids", "1,x"], ["--core-ids", ","], ["--key", "seven"]):
+        p = run("alloc", "--owner", "vm-a", *args, state=tmp_path / "s", check=False)
+        assert p.returncode == 2 and "usage" in p.stderr, (args, p.stderr)
+
+
+def test_state_dir_too_long_for_a_socket(tmp_path: Path) -> None:
+    deep = tmp_path / ("d" * 100)
+    p = run("serve", state=deep, check=False)
+    assert p.returncode == 1 and "at most 107" in p.stderr

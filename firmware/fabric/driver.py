@@ -122,21 +122,38 @@ class FabricDriver:
                 continue
             base = rm.port_reg(p, 0)
             for off, value in img.port_register_values(cfg):
-                if self.image[base + off] != value:
+                if self.image.get(base + off) != value:
                     writes.append((base + off, value))
         writes.sort()
         if writes:
-            for addr, value in writes:
-                self.bus.write(addr, value)
-            self.bus.write(rm.CTRL_OFFSET, rm.CTRL_COMMIT_MASK)
-            self.generation = (self.generation + 1) & rm.GEN_COMMITTED_MASK
-            self._wait_adopted()
+            try:
+                for addr, value in writes:
+                    self.bus.write(addr, value)
+                self.bus.write(rm.CTRL_OFFSET, rm.CTRL_COMMIT_MASK)
+                self.generation = (self.generation + 1) & rm.GEN_COMMITTED_MASK
+                self._wait_adopted()
+            except BaseException:
+                self._forget_programmed()
+                raise
             self.image.update(writes)
             self.syncs += 1
             self.writes += len(writes) + 1
         self._configs = configs
         self.last_writes = len(writes) + 1 if writes else 0
         return self.last_writes
+
+    def _forget_programmed(self) -> None:
+        """After a failed sync the crossbar's shadow registers hold an unknown mix of old
+        and new values, which the next commit would put into service: forget what we
+        believe was programmed and read the registers back, so the next sync compares
+        against what the crossbar really holds and overwrites every stale value."""
+        self._configs = [None] * self.device.crossbar.ports
+        try:
+            self.image = self.read_image()
+            gen = self.bus.read(rm.GEN_OFFSET)
+            self.generation = (gen & rm.GEN_COMMITTED_MASK) >> rm.GEN_COMMITTED_LSB
+        except Exception:
+            self.image = {}  # unreadable: the next sync writes every register
 
     def _wait_adopted(self) -> None:
         for _ in range(ADOPT_POLLS):

@@ -368,6 +368,13 @@ class CrossbarModel:
         self._check_port("src", src)
         return list(self._dropped[src])
 
+    def active_config(self, port: int) -> PortConfig:
+        """The configuration input ``port`` forwards with now (its adopted generation), as
+        opposed to the shadow registers that :meth:`read` returns."""
+        if not 0 <= port < self._n_ports:
+            raise FabricError(f"port {port} out of range 0..{self._n_ports - 1}")
+        return self._inputs[port].active
+
     def image(self) -> dict[int, int]:
         """Every RW shadow register of every port: byte address -> current value."""
         return {
