@@ -259,9 +259,10 @@ class Request(NamedTuple):
 class Response(NamedTuple):
     """A decoded response. ``payload`` is the parsed response on success, else None;
     ``error`` the firmware-shaped error dict (``{"code", "message", "details"}``) of an
-    error response, else None."""
+    error response, else None. ``command`` is None only for an error answering a request
+    whose opcode was unknown or unreadable (the firmware echoes what it could read)."""
 
-    command: Command
+    command: Command | None
     message: Message
     payload: Payload | None
     error: dict[str, Any] | None
@@ -325,16 +326,16 @@ def decode_response(buf: bytes, *, max_payload: int = MAX_PAYLOAD) -> Response:
     msg = Message.decode(buf, max_payload=max_payload)
     if msg.category is not Category.RESPONSE:
         raise DecodeError("header.category", "expected a response", offset=0, expected="1")
+    if msg.return_code not in (ReturnCode.SUCCESS, ReturnCode.BACKGROUND_COMMAND_STARTED):
+        error = error_from_response(msg.return_code, msg.ext_status, msg.payload)
+        return Response(COMMANDS.get(msg.opcode), msg, None, error)
     cmd = lookup(msg.opcode)
     if msg.return_code == ReturnCode.SUCCESS:
         return Response(cmd, msg, cmd.response.parse(msg.payload), None)
     if msg.return_code == ReturnCode.BACKGROUND_COMMAND_STARTED:
         if msg.payload:
             raise DecodeError("payload", "a background start carries no payload", offset=12)
-        return Response(cmd, msg, None, None)
-    return Response(
-        cmd, msg, None, error_from_response(msg.return_code, msg.ext_status, msg.payload)
-    )
+    return Response(cmd, msg, None, None)
 
 
 __all__ = [

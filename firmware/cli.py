@@ -95,6 +95,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         # serve_forever must be stopped from another thread than the one it runs on
         threading.Thread(target=server.shutdown, daemon=True).start()
 
+    from firmware.api import Api
+    from firmware.mailboxes import MailboxService
+
+    mailboxes = MailboxService(Api(manager, manager.vms), state.path)
+    mailboxes.refresh()
+    manager.on_vms_changed = mailboxes.refresh
     signal.signal(signal.SIGTERM, lambda signum, frame: stop())
     signal.signal(signal.SIGINT, lambda signum, frame: stop())
     manager.on_fatal = stop
@@ -102,19 +108,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
     print(
         f"slicefab: serving device {manager.device.name} on {state.socket} "
         f"({n} slice{'s' if n != 1 else ''} recovered, fabric generation "
-        f"{manager.fabric.generation})",
+        f"{manager.fabric.generation}, {len(mailboxes.channels())} VM mailboxes)",
         flush=True,
     )
     try:
         server.serve_forever(poll_interval=0.2)
     finally:
+        mailboxes.close()
         server.server_close()
         state.socket.unlink(missing_ok=True)
         manager.close()
         state.unlock()
     if manager.failed is not None:
-        err_console.print(f"slicefab: stopped after a ledger failure: {manager.failed}; "
-                          "restart to recover from the ledger", markup=False)
+        err_console.print(
+            f"slicefab: stopped after a ledger failure: {manager.failed}; "
+            "restart to recover from the ledger",
+            markup=False,
+        )
         return 3
     return 0
 
@@ -331,6 +341,52 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 1 if violations else 0
 
 
+def cmd_vm_add(args: argparse.Namespace) -> int:
+    """Provision a VM and write the credential file the administrator hands to it."""
+    from firmware.mailboxes import default_mailbox
+    from firmware.vms import VmCredential, write_credential_file
+
+    mailbox = args.mailbox or default_mailbox(Path(args.state_dir), args.vm)
+    with session(args) as client:
+        r = call(client, "vm_add", {"vm": args.vm, "mailbox": str(Path(mailbox).absolute())})
+    cred_path = args.credential or Path(args.state_dir) / "vms" / f"{args.vm}.credential.toml"
+    cred_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    write_credential_file(cred_path, VmCredential(r["vm"], bytes.fromhex(r["key"]), r["mailbox"]))
+    if args.json:
+        emit_json({"vm": r["vm"], "mailbox": r["mailbox"], "credential": str(cred_path)})
+    else:
+        console.print(f"provisioned [bold]{r['vm']}[/]: mailbox {r['mailbox']}")
+        console.print(f"credential (secret, hand it to the VM): {cred_path}")
+    return 0
+
+
+def cmd_vm_list(args: argparse.Namespace) -> int:
+    with session(args) as client:
+        vms = call(client, "vm_list")
+    if args.json:
+        emit_json(vms)
+    else:
+        from rich.table import Table
+
+        t = Table(title="VMs", title_justify="left")
+        for col in ("vm", "mailbox", "last seq"):
+            t.add_column(col)
+        for v in vms:
+            t.add_row(v["vm"], v["mailbox"], str(v["last_seq"]))
+        console.print(t)
+    return 0
+
+
+def cmd_vm_remove(args: argparse.Namespace) -> int:
+    with session(args) as client:
+        call(client, "vm_remove", {"vm": args.vm})
+    if not args.json:
+        console.print(f"removed {args.vm}: its credential no longer authenticates")
+    else:
+        emit_json({"vm": args.vm})
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from firmware.demo import run_demo
 
@@ -463,6 +519,24 @@ def build_parser() -> argparse.ArgumentParser:
     fab = sub.add_parser("fabric", help="the crossbar").add_subparsers(dest="sub", required=True)
     fs = fab.add_parser("show", parents=[common], help="the active permission table")
     fs.set_defaults(func=cmd_fabric_show)
+
+    vm = sub.add_parser("vm", help="VM credentials and mailboxes").add_subparsers(
+        dest="sub", required=True
+    )
+    va = vm.add_parser("add", parents=[common], help="provision a VM: key, mailbox, credential")
+    va.add_argument("vm", help="the VM id")
+    va.add_argument("--mailbox", type=Path, help="mailbox file (default: STATE/mailboxes/VM.mbox)")
+    va.add_argument(
+        "--credential",
+        type=Path,
+        help="where to write the VM's credential (default: STATE/vms/VM.credential.toml)",
+    )
+    va.set_defaults(func=cmd_vm_add)
+    vl = vm.add_parser("list", parents=[common], help="provisioned VMs")
+    vl.set_defaults(func=cmd_vm_list)
+    vr = vm.add_parser("remove", parents=[common], help="revoke a VM's credential")
+    vr.add_argument("vm")
+    vr.set_defaults(func=cmd_vm_remove)
 
     ck = sub.add_parser(
         "check", parents=[common], help="check invariants and the crossbar against the ledger"

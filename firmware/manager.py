@@ -53,6 +53,7 @@ from firmware.ledger import (
     Record,
 )
 from firmware.slices import Allocation, ResizeSpec, Slice, SliceSpec, SliceState
+from firmware.vms import VmRegistry
 
 ADMIN: str | None = None  # the caller identity of the admin socket / CLI: sees every slice
 _ADMIN_SCOPE = "@admin"  # request-id scope of the admin (no VM id starts with "@")
@@ -88,6 +89,10 @@ class ResourceManager:
         self.ledger = ledger
         self.fabric = fabric
         self.allocator = Allocator(device)
+        #: the provisioned VMs: credentials, mailboxes, request counters (same ledger)
+        self.vms = VmRegistry(ledger)
+        #: called after a VM is provisioned or removed (the daemon serves its mailbox)
+        self.on_vms_changed: Callable[[], None] | None = None
         self._lock = threading.Lock()
         self._fabric_lock = threading.Lock()
         self._fail_lock = threading.Lock()

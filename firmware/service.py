@@ -22,6 +22,8 @@ from typing import Any
 from firmware.errors import ConfigError, RequestError, SlicefabError
 from firmware.manager import ADMIN, ResourceManager, StateDir
 from firmware.slices import ResizeSpec, SliceSpec
+from hostlib.mailbox import create_mailbox
+from hostlib.transport import TransportError
 
 #: a request line larger than this is refused before it is parsed
 MAX_REQUEST_BYTES = 64 * 1024
@@ -42,6 +44,34 @@ def _arg(args: dict[str, Any], name: str) -> dict[str, Any]:
     return value
 
 
+def _vm_add(m: ResourceManager, args: dict[str, Any]) -> dict[str, Any]:
+    """Provision a VM: a fresh key, a mailbox file, served at once by a running daemon.
+    The answer carries the key: the admin channel is the state directory owner's only."""
+    vm, mailbox = args.get("vm"), args.get("mailbox")
+    if not isinstance(mailbox, str) or not mailbox:
+        raise RequestError("mailbox", "expected the mailbox file's path")
+    cred = m.vms.add(vm, mailbox)  # type: ignore[arg-type]  # add() validates vm
+    try:
+        Path(mailbox).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        create_mailbox(mailbox)
+    except (OSError, TransportError) as e:
+        m.vms.remove(cred.vm)
+        raise RequestError("mailbox", f"cannot create {mailbox}: {e}") from None
+    if m.on_vms_changed is not None:
+        m.on_vms_changed()
+    return {"vm": cred.vm, "key": cred.key.hex(), "mailbox": cred.mailbox}
+
+
+def _vm_remove(m: ResourceManager, args: dict[str, Any]) -> dict[str, Any]:
+    vm = args.get("vm")
+    if not isinstance(vm, str):
+        raise RequestError("vm", "expected a VM id")
+    m.vms.remove(vm)
+    if m.on_vms_changed is not None:
+        m.on_vms_changed()
+    return {"vm": vm}
+
+
 def _slice_id(args: dict[str, Any]) -> int:
     sid = args.get("slice")
     if isinstance(sid, bool) or not isinstance(sid, int):
@@ -60,6 +90,11 @@ OPS: dict[str, Handler] = {
     ),
     "free": lambda m, a, r: m.free(_slice_id(a), request_id=r),
     "fabric": lambda m, a, r: m.fabric.describe(),
+    "vm_add": lambda m, a, r: _vm_add(m, a),
+    "vm_list": lambda m, a, r: [
+        {"vm": c.vm, "mailbox": c.mailbox, "last_seq": m.vms.last_seq(c.vm)} for c in m.vms.list()
+    ],
+    "vm_remove": lambda m, a, r: _vm_remove(m, a),
     "check": lambda m, a, r: {"violations": m.check_invariants()},
 }
 
@@ -83,8 +118,10 @@ def dispatch(manager: ResourceManager, request: object) -> dict[str, Any]:
         return {"ok": False, "error": e.to_dict()}
     except Exception as e:  # a bug: answer it, log it, keep serving
         log.exception("internal error while handling %.200r", request)
-        return {"ok": False, "error": {"code": "internal", "message": f"internal error: {e!r}",
-                                       "details": {}}}
+        return {
+            "ok": False,
+            "error": {"code": "internal", "message": f"internal error: {e!r}", "details": {}},
+        }
 
 
 def _refuse_constant(name: str) -> Any:

@@ -1,0 +1,351 @@
+"""The secure allocation API: one request frame in, one response frame out.
+
+Every frame from a VM mailbox goes through these checks in this order. Each check runs
+before the next one costs anything, and the order is the threat model's (docs/security.md):
+
+1. **rate limit**: a channel that sent too many bad requests is answered *Busy* unread;
+2. **size caps**: the envelope trailer and the 12-byte CCI header are checked
+   (``abi.cci.check_header``) before any payload byte is looked at;
+3. **opcode allowlist** for the channel's role (``abi.commands.allowed_opcodes``);
+4. **authentication**: the HMAC of the envelope with the VM's key (``abi.envelope``);
+5. **replay/reorder**: the sequence number must be above the last accepted (HELLO is the
+   one exception: it lets a VM that lost its counter learn it);
+6. **parse** the payload with the command's layout;
+7. **authorise and execute** with the VM as the caller (the manager enforces ownership).
+
+Every failure is answered with the CXL return code and vendor status of its error code
+(``abi.retcodes``); the answer to a VM is sealed with the VM's key and echoes its
+sequence number. The admin channel (the admin socket, already authenticated by its
+file permissions) skips 4 and 5.
+"""
+
+from __future__ import annotations
+
+import secrets
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from abi import convert
+from abi.cci import HEADER_BYTES, MAX_PAYLOAD, Category, Message, check_header
+from abi.commands import COMMANDS, Command, Role, allowed_opcodes, encode_error, encode_response
+from abi.envelope import REQUEST_DOMAIN, RESPONSE_DOMAIN, TRAILER_BYTES, BadTag, open_sealed
+from abi.envelope import seal as seal_frame
+from abi.envelope import split as split_frame
+from abi.errors import AbiError, DecodeError
+from abi.vendor import ABI_VERSION
+from firmware.errors import NotFound, RequestError, SlicefabError
+from firmware.manager import ADMIN, ResourceManager
+from firmware.slices import ResizeSpec, SliceSpec
+from firmware.vms import BadRequestLimiter, ReplayError, VmRegistry
+
+#: the largest frame a VM may send: envelope trailer + header + payload cap
+MAX_FRAME = TRAILER_BYTES + HEADER_BYTES + MAX_PAYLOAD
+_HELLO = next(c.opcode for c in COMMANDS.values() if c.name == "HELLO")
+_NO_REQUEST = Message(Category.REQUEST, 0, 0)  # what an unreadable header is answered as
+
+
+class ApiError(SlicefabError):
+    """A request refused by the mailbox's own checks (before the manager saw it)."""
+
+    def __init__(self, code: str, message: str, **details: Any) -> None:
+        super().__init__(message, **details)
+        self.code = code  # type: ignore[misc]  # per-instance: malformed, auth_failed, ...
+
+
+@dataclass
+class Counters:
+    """Per-channel counts of what the checks refused (telemetry, tests)."""
+
+    requests: int = 0
+    rate_limited: int = 0
+    malformed: int = 0
+    not_allowed: int = 0
+    auth_failed: int = 0
+    replayed: int = 0
+
+
+@dataclass
+class Channel:
+    """One way in: a VM's mailbox (``vm`` set) or the admin channel (``vm`` None)."""
+
+    role: Role
+    vm: str | None = None
+    limiter: BadRequestLimiter = field(default_factory=BadRequestLimiter)
+    counters: Counters = field(default_factory=Counters)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+Handler = Callable[["Api", Channel, Mapping[str, Any]], Mapping[str, Any]]
+
+
+class Api:
+    """Executes request frames against a manager and a VM registry."""
+
+    def __init__(self, manager: ResourceManager, vms: VmRegistry) -> None:
+        self.manager = manager
+        self.vms = vms
+        self.boot_nonce = secrets.token_bytes(16)
+        self._allowed = {Role.VM: allowed_opcodes(Role.VM), Role.ADMIN: allowed_opcodes(Role.ADMIN)}
+
+    # ---------------------------------------------------------------- VM frames
+
+    def handle_vm_frame(self, channel: Channel, frame: bytes) -> bytes:
+        """One sealed request from ``channel``'s VM → one sealed response. Never raises."""
+        assert channel.vm is not None
+        with channel.lock:  # one outstanding request per mailbox
+            channel.counters.requests += 1
+            seq = 0
+            if len(frame) >= TRAILER_BYTES:
+                _, seq, _ = split_frame(frame)
+            try:
+                key = self.vms.get(channel.vm).key
+            except NotFound:  # revoked while its mailbox was open: nothing to seal with
+                return b""
+            message = self._vm_request(channel, key, frame)
+            return seal_frame(key, RESPONSE_DOMAIN, channel.vm, seq, message)
+
+    def _vm_request(self, channel: Channel, key: bytes, frame: bytes) -> bytes:
+        assert channel.vm is not None
+        if channel.limiter.limited():
+            channel.counters.rate_limited += 1
+            return encode_error(_NO_REQUEST, _error("rate_limited", "too many bad requests"))
+        request = _NO_REQUEST
+        try:
+            if len(frame) > MAX_FRAME:
+                raise ApiError(
+                    "payload_too_large",
+                    f"frame of {len(frame)} bytes exceeds {MAX_FRAME}",
+                    limit=MAX_FRAME,
+                )
+            if len(frame) < TRAILER_BYTES + HEADER_BYTES:
+                raise ApiError(
+                    "malformed",
+                    f"frame of {len(frame)} bytes is too short",
+                    expected=f">= {TRAILER_BYTES + HEADER_BYTES} bytes",
+                )
+            message_bytes = frame[:-TRAILER_BYTES]
+            header = _check_header(message_bytes)
+            request = Message(Category.REQUEST, header.tag, header.opcode)
+            cmd = self._allowed_command(Role.VM, header.opcode, channel)
+            try:
+                _, seq = open_sealed(key, REQUEST_DOMAIN, channel.vm, frame)
+            except BadTag:
+                channel.counters.auth_failed += 1
+                raise ApiError("auth_failed", "request does not authenticate") from None
+            if header.opcode != _HELLO:
+                try:
+                    self.vms.accept_seq(channel.vm, seq)
+                except ReplayError as e:
+                    channel.counters.replayed += 1
+                    raise ApiError("replay", e.message, **e.details) from None
+            message = Message.decode(message_bytes)
+            payload = _parse(cmd, message.payload)
+        except ApiError as e:
+            channel.limiter.charge()
+            if e.code == "malformed":
+                channel.counters.malformed += 1
+            return encode_error(request, e.to_dict())
+        return self._execute(channel, cmd, message, payload)
+
+    # ---------------------------------------------------------------- admin frames
+
+    def handle_admin_frame(self, channel: Channel, frame: bytes) -> bytes:
+        """One plain CCI request on the admin channel → its response. Never raises."""
+        request = _NO_REQUEST
+        try:
+            header = _check_header(frame)
+            request = Message(Category.REQUEST, header.tag, header.opcode)
+            cmd = self._allowed_command(Role.ADMIN, header.opcode, channel)
+            message = Message.decode(frame)
+            payload = _parse(cmd, message.payload)
+        except ApiError as e:
+            return encode_error(request, e.to_dict())
+        return self._execute(channel, cmd, message, payload)
+
+    # ---------------------------------------------------------------- common
+
+    def _allowed_command(self, role: Role, opcode: int, channel: Channel) -> Command:
+        cmd = COMMANDS.get(opcode)
+        if cmd is None:
+            raise ApiError("unsupported", f"opcode {opcode:04X}h is not a command", opcode=opcode)
+        if opcode not in self._allowed[role]:
+            channel.counters.not_allowed += 1
+            raise ApiError(
+                "opcode_not_allowed",
+                f"{cmd.name} ({opcode:04X}h) is not allowed on a {role.name} channel",
+                opcode=opcode,
+            )
+        return cmd
+
+    def _execute(
+        self, channel: Channel, cmd: Command, message: Message, payload: Mapping[str, Any]
+    ) -> bytes:
+        handler = HANDLERS.get(cmd.name)
+        if handler is None:
+            return encode_error(
+                message,
+                _error(
+                    "unsupported",
+                    f"{cmd.name} ({cmd.opcode:04X}h) is not implemented by this firmware",
+                ),
+            )
+        try:
+            result = handler(self, channel, payload)
+            return encode_response(message, result)
+        except SlicefabError as e:
+            return encode_error(message, e.to_dict())
+        except (AbiError, ValueError) as e:  # a result that does not fit its layout
+            return encode_error(message, _error("internal", f"{cmd.name}: {e}"))
+
+
+def _error(code: str, message: str) -> dict[str, Any]:
+    return {"code": code, "message": message, "details": {}}
+
+
+def _check_header(message: bytes) -> Any:
+    try:
+        header = check_header(message)
+    except DecodeError as e:
+        code = "payload_too_large" if e.field == "header.payload_length" else "malformed"
+        raise ApiError(code, str(e), field=e.field) from None
+    if header.category != Category.REQUEST:
+        raise ApiError("malformed", "expected a request", field="header.category")
+    return header
+
+
+def _parse(cmd: Command, payload: bytes) -> Mapping[str, Any]:
+    try:
+        return cmd.request.parse(payload)
+    except DecodeError as e:
+        raise ApiError("malformed", f"{cmd.name}: {e}", field=e.field) from None
+
+
+# -------------------------------------------------------------------- handlers
+
+
+def _caller(channel: Channel) -> str | None:
+    return ADMIN if channel.vm is None else channel.vm
+
+
+def _view(api: Api, view: Mapping[str, Any]) -> Mapping[str, Any]:
+    return convert.slice_view_to_payload(view, api.manager.device.granule_bytes)
+
+
+def _hello(api: Api, ch: Channel, p: Mapping[str, Any]) -> Mapping[str, Any]:
+    return {
+        "client_nonce": p["client_nonce"],
+        "boot_nonce": api.boot_nonce,
+        "last_seq": api.vms.last_seq(ch.vm) if ch.vm else 0,
+        "abi_version": ABI_VERSION,
+        "max_payload": MAX_PAYLOAD,
+        "vm": ch.vm or "",
+    }
+
+
+def _allocate(api: Api, ch: Channel, p: Mapping[str, Any]) -> Mapping[str, Any]:
+    try:
+        spec, rid = convert.spec_from_payload(p, owner=ch.vm)
+    except ValueError as e:
+        raise RequestError("owner", str(e)) from None
+    view = api.manager.allocate(SliceSpec.from_dict(spec), caller=_caller(ch), request_id=rid)
+    return _view(api, view)
+
+
+def _resize(api: Api, ch: Channel, p: Mapping[str, Any]) -> Mapping[str, Any]:
+    sid, rs, rid = convert.resize_from_payload(p)
+    view = api.manager.resize(sid, ResizeSpec.from_dict(rs), caller=_caller(ch), request_id=rid)
+    return _view(api, view)
+
+
+def _free(api: Api, ch: Channel, p: Mapping[str, Any]) -> Mapping[str, Any]:
+    view = api.manager.free(p["slice"], caller=_caller(ch), request_id=p["request_id"])
+    return _view(api, view)
+
+
+def _get(api: Api, ch: Channel, p: Mapping[str, Any]) -> Mapping[str, Any]:
+    return _view(api, api.manager.get(p["slice"], caller=_caller(ch)))
+
+
+#: a LIST page stops before its encoding could exceed the payload cap
+_LIST_BUDGET = MAX_PAYLOAD - 64
+
+
+def _list(
+    api: Api, ch: Channel, p: Mapping[str, Any], owner: str | None = None
+) -> Mapping[str, Any]:
+    views = [
+        v
+        for v in api.manager.list_slices(caller=_caller(ch), owner=owner)
+        if v["id"] >= p["start_id"]
+    ]
+    layout = COMMANDS[next(c for c, v in COMMANDS.items() if v.name == "LIST")].response
+    page: list[Mapping[str, Any]] = []
+    next_id = 0
+    for v in views:
+        candidate = [*page, _view(api, v)]
+        if (
+            len(layout.build({"total": len(views), "next_id": 0, "slices": candidate}))
+            > _LIST_BUDGET
+        ):
+            next_id = v["id"]
+            break
+        page = candidate
+    return {"total": len(views), "next_id": next_id, "slices": page}
+
+
+def _telemetry(api: Api, ch: Channel, p: Mapping[str, Any]) -> Mapping[str, Any]:
+    from abi import regmap as rm
+
+    view = api.manager.get(p["slice"], caller=_caller(ch))
+    bus = api.manager.fabric.bus
+    ports = [
+        {
+            "port": port,
+            "packets": bus.read(rm.port_reg(port, rm.PORT_CNT_PKTS_OFFSET)),
+            "flits": bus.read(rm.port_reg(port, rm.PORT_CNT_FLITS_OFFSET)),
+            "drops": bus.read(rm.port_reg(port, rm.PORT_CNT_DROPS_OFFSET)),
+            "stalls": bus.read(rm.port_reg(port, rm.PORT_CNT_STALLS_OFFSET)),
+        }
+        for port in view["alloc"]["ports"]
+    ]
+    lanes = view["alloc"]["lanes"]
+    return {
+        "slice": view["id"],
+        "state": view["state"],
+        "cores": len(view["alloc"]["cores"]),
+        "memory_bytes": sum(n for _, n in view["alloc"]["extents"])
+        * api.manager.device.granule_bytes,
+        "lane_width": 0 if lanes is None else lanes["width"],
+        "ports": ports,
+    }
+
+
+def _vm_add(api: Api, ch: Channel, p: Mapping[str, Any]) -> Mapping[str, Any]:
+    cred = api.vms.add(p["vm"], p["mailbox"])
+    return {"vm": cred.vm, "key": cred.key, "mailbox": cred.mailbox}
+
+
+def _vm_remove(api: Api, ch: Channel, p: Mapping[str, Any]) -> Mapping[str, Any]:
+    api.vms.remove(p["vm"])
+    return {}
+
+
+HANDLERS: dict[str, Handler] = {
+    "HELLO": _hello,
+    "NOP": lambda api, ch, p: {"data": p["data"]},
+    "ALLOCATE": _allocate,
+    "ALLOCATE_FOR": _allocate,
+    "RESIZE": _resize,
+    "FREE": _free,
+    "GET": _get,
+    "LIST": _list,
+    "LIST_FOR": lambda api, ch, p: _list(api, ch, p, owner=p["owner"]),
+    "SLICE_TELEMETRY": _telemetry,
+    "DEVICE_INFO": lambda api, ch, p: convert.device_info_to_payload(
+        api.manager.device.summary(), ABI_VERSION
+    ),
+    "VM_ADD": _vm_add,
+    "VM_REMOVE": _vm_remove,
+}
