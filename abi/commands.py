@@ -332,9 +332,8 @@ def decode_response(buf: bytes, *, max_payload: int = MAX_PAYLOAD) -> Response:
     cmd = lookup(msg.opcode)
     if msg.return_code == ReturnCode.SUCCESS:
         return Response(cmd, msg, cmd.response.parse(msg.payload), None)
-    if msg.return_code == ReturnCode.BACKGROUND_COMMAND_STARTED:
-        if msg.payload:
-            raise DecodeError("payload", "a background start carries no payload", offset=12)
+    if msg.payload:  # BACKGROUND_COMMAND_STARTED
+        raise DecodeError("payload", "a background start carries no payload", offset=12)
     return Response(cmd, msg, None, None)
 
 

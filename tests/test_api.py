@@ -39,6 +39,7 @@ class RawVm:
     def send(self, frame: bytes) -> Any:
         answer = self.transport.request(frame, timeout=10)
         message, seq = open_sealed(self.key, RESPONSE_DOMAIN, self.vm, answer)
+        assert len(frame) < 40 or seq == int.from_bytes(frame[-40:-32], "little")  # echoed
         return decode_response(message)
 
     def call(self, name: str, payload: dict[str, Any]) -> Any:
@@ -51,7 +52,9 @@ class RawVm:
 
 
 @pytest.fixture
-def device_api(rm: ResourceManager, state: StateDir) -> Iterator[tuple[ResourceManager, MailboxService]]:
+def device_api(
+    rm: ResourceManager, state: StateDir
+) -> Iterator[tuple[ResourceManager, MailboxService]]:
     api = Api(rm, rm.vms)
     service = MailboxService(api, state.path)
     try:
