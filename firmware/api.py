@@ -140,7 +140,7 @@ class Api:
                 except ReplayError as e:
                     channel.counters.replayed += 1
                     raise ApiError("replay", e.message, **e.details) from None
-            message = Message.decode(message_bytes)
+            message = _decode(message_bytes)
             payload = _parse(cmd, message.payload)
         except ApiError as e:
             channel.limiter.charge()
@@ -158,7 +158,7 @@ class Api:
             header = _check_header(frame)
             request = Message(Category.REQUEST, header.tag, header.opcode)
             cmd = self._allowed_command(Role.ADMIN, header.opcode, channel)
-            message = Message.decode(frame)
+            message = _decode(frame)
             payload = _parse(cmd, message.payload)
         except ApiError as e:
             return encode_error(request, e.to_dict())
@@ -213,6 +213,14 @@ def _check_header(message: bytes) -> Any:
     if header.category != Category.REQUEST:
         raise ApiError("malformed", "expected a request", field="header.category")
     return header
+
+
+def _decode(message: bytes) -> Message:
+    """The whole message (the header was checked already; this checks the length)."""
+    try:
+        return Message.decode(message)
+    except DecodeError as e:
+        raise ApiError("malformed", str(e), field=e.field) from None
 
 
 def _parse(cmd: Command, payload: bytes) -> Mapping[str, Any]:

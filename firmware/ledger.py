@@ -22,7 +22,7 @@ import json
 import queue
 import sqlite3
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
@@ -137,6 +137,10 @@ class Ledger:
         self.batches = 0  # transactions committed (for group-commit figures)
         self.records = 0
         self._failed: BaseException | None = None
+        self._closed = False
+        #: called by the writer before each commit; what they return joins the transaction
+        #: (the VM registry's request counters ride along with every commit this way)
+        self.precommit: list[Callable[[], list[Record]]] = []
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         try:
             self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
@@ -207,6 +211,8 @@ class Ledger:
         """Queue ``records`` to be written atomically; the future completes once durable."""
         if self._failed is not None:
             raise LedgerError(f"ledger {self.path} stopped after a failed write: {self._failed}")
+        if self._closed:
+            raise LedgerError(f"ledger {self.path} is closed")
         fut: Future[None] = Future()
         self._queue.put((list(records), fut))
         return fut
@@ -250,6 +256,9 @@ class Ledger:
             return
         try:
             self._db.execute("BEGIN IMMEDIATE")
+            for hook in self.precommit:
+                for r in hook():
+                    self._apply(r)
             for records, _ in batch:
                 for r in records:
                     self._apply(r)
@@ -312,6 +321,7 @@ class Ledger:
 
     def close(self) -> None:
         """Finish queued writes and close the database."""
+        self._closed = True
         if self._writer.is_alive():
             self._queue.put(_STOP)
             self._writer.join()

@@ -66,7 +66,7 @@ class MailboxService:
     def refresh(self) -> None:
         """Start serving newly provisioned VMs, stop serving removed ones."""
         with self._lock:
-            wanted = {c.vm: c for c in self.api.vms.list()}
+            wanted = {c.vm: c for c in self.api.vms.credentials()}
             for vm in list(self._served):
                 if vm not in wanted:
                     self._stop(self._served.pop(vm))

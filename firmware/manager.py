@@ -491,6 +491,7 @@ class ResourceManager:
         return d
 
     def close(self) -> None:
+        self.vms.close()
         self.ledger.close()
 
 

@@ -92,7 +92,8 @@ OPS: dict[str, Handler] = {
     "fabric": lambda m, a, r: m.fabric.describe(),
     "vm_add": lambda m, a, r: _vm_add(m, a),
     "vm_list": lambda m, a, r: [
-        {"vm": c.vm, "mailbox": c.mailbox, "last_seq": m.vms.last_seq(c.vm)} for c in m.vms.list()
+        {"vm": c.vm, "mailbox": c.mailbox, "last_seq": m.vms.last_seq(c.vm)}
+        for c in m.vms.credentials()
     ],
     "vm_remove": lambda m, a, r: _vm_remove(m, a),
     "check": lambda m, a, r: {"violations": m.check_invariants()},

@@ -7,16 +7,17 @@ Every request the VM sends carries a sequence number that must be larger than an
 before (:mod:`abi.envelope`); the highest accepted number is kept in the ledger, so a
 request captured before a restart cannot be replayed after it.
 
-Persistence of the counter: it is queued to the ledger when a request is accepted, ahead of
-any change that request makes, and the group commit writes queued records in order. A
-state-changing request is acknowledged only once its change is durable, so its counter is
-durable too. A read-only request does not wait for the counter's fsync; after a crash the
-counter may be behind by read-only requests, whose replay only re-reads the VM's own state
-into the VM's own mailbox (docs/security.md).
+Persistence of the counter: an accepted counter joins the next ledger commit (a pre-commit
+hook), so a state-changing request, acknowledged only once its change is durable, has its
+counter durable too, at no extra fsync. Read-only requests commit nothing themselves; a
+background flush makes their counters durable within FLUSH_INTERVAL_S. After a crash the
+counter may lag by that window of read-only requests, whose replay only re-reads the VM's
+own state into the VM's own mailbox (docs/security.md).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import threading
@@ -27,8 +28,11 @@ from pathlib import Path
 
 from abi.envelope import KEY_BYTES
 from firmware.errors import ConfigError, NotFound, RequestError, SlicefabError
-from firmware.ledger import DeleteVm, Ledger, PutVm, PutVmSeq
+from firmware.ledger import DeleteVm, Ledger, PutVm, PutVmSeq, Record
 from firmware.slices import OWNER_RE
+
+#: how long an accepted counter of a read-only request may wait for the ledger
+FLUSH_INTERVAL_S = 0.1
 
 
 class ReplayError(SlicefabError):
@@ -52,6 +56,11 @@ class VmRegistry:
         self._lock = threading.Lock()
         self._vms: dict[str, VmCredential] = {}
         self._seq: dict[str, int] = {}
+        self._dirty: dict[str, int] = {}  # accepted counters not yet handed to the ledger
+        self._stop = threading.Event()
+        ledger.precommit.append(self._drain)
+        self._flusher = threading.Thread(target=self._flush_loop, name="vm-seq-flush", daemon=True)
+        self._flusher.start()
         for row in ledger.vms():
             self._vms[row.vm] = VmCredential(row.vm, row.key, row.mailbox)
             self._seq[row.vm] = row.last_seq
@@ -89,7 +98,7 @@ class VmRegistry:
             raise NotFound(f"no VM {vm}", vm=vm)
         return cred
 
-    def list(self) -> list[VmCredential]:
+    def credentials(self) -> list[VmCredential]:
         with self._lock:
             return sorted(self._vms.values(), key=lambda c: c.vm)
 
@@ -111,7 +120,35 @@ class VmRegistry:
                     seq=seq, last=last,
                 )
             self._seq[vm] = seq
-            self.ledger.submit([PutVmSeq(vm, seq)])
+            self._dirty[vm] = seq  # joins the next ledger commit (see _drain)
+
+    def _drain(self) -> list[Record]:
+        """Pre-commit hook of the ledger: the counters accepted since the last commit. A
+        state-changing request is accepted before its change is queued, so its counter is
+        in the same transaction as its change or an earlier one: durable before its ack."""
+        with self._lock:
+            dirty, self._dirty = self._dirty, {}
+        return [PutVmSeq(vm, seq) for vm, seq in sorted(dirty.items())]
+
+    def flush(self) -> None:
+        """Make every accepted counter durable now."""
+        with self._lock:
+            pending = bool(self._dirty)
+        if pending:
+            self.ledger.write([])  # an empty batch: the pre-commit hook supplies the records
+
+    def _flush_loop(self) -> None:
+        # read-only traffic commits nothing itself: bound how far the durable counter lags
+        while not self._stop.wait(FLUSH_INTERVAL_S):
+            with contextlib.suppress(SlicefabError):
+                self.flush()
+
+    def close(self) -> None:
+        """Stop the background flush and flush what is left."""
+        self._stop.set()
+        self._flusher.join()
+        with contextlib.suppress(SlicefabError):
+            self.flush()
 
 
 def write_credential_file(path: Path, cred: VmCredential) -> None:

@@ -36,7 +36,7 @@ def test_add_get_remove_and_credential_file(tmp_path: Path) -> None:
         reg.get("vm-b")
     led.close()
     again = VmRegistry(Ledger(tmp_path / "l.sqlite", "dev"))
-    assert [c.vm for c in again.list()] == ["vm-a"] and again.get("vm-a") == cred
+    assert [c.vm for c in again.credentials()] == ["vm-a"] and again.get("vm-a") == cred
 
 
 def test_bad_credential_files(tmp_path: Path) -> None:
@@ -63,7 +63,8 @@ def test_sequence_numbers_only_go_up_and_survive_restart(tmp_path: Path) -> None
             reg.accept_seq("vm-a", replayed)
     with pytest.raises(NotFound):
         reg.accept_seq("vm-z", 1)
-    led.close()  # flushes the queued counter
+    reg.close()  # flushes the accepted counter
+    led.close()
     reg2 = VmRegistry(Ledger(tmp_path / "l.sqlite", "dev"))
     assert reg2.last_seq("vm-a") == 5
     with pytest.raises(ReplayError):
@@ -77,3 +78,22 @@ def test_limiter_refuses_after_a_burst_of_bad_requests() -> None:
         assert not lim.limited()
         lim.charge()
     assert lim.limited() and lim.rejected == 1
+
+
+def test_an_accepted_counter_rides_with_the_next_commit(tmp_path: Path) -> None:
+    """A state-changing request is accepted before its change is queued, so the change's
+    own commit carries the counter: durable before the ack, with no extra fsync."""
+    import sqlite3
+
+    from firmware.ledger import PutMeta
+
+    led = Ledger(tmp_path / "l.sqlite", "dev")
+    reg = VmRegistry(led)
+    reg.add("vm-a", "m")
+    reg.accept_seq("vm-a", 9)
+    led.write([PutMeta("change", "x")])  # the request's change
+    db = sqlite3.connect(tmp_path / "l.sqlite")
+    assert db.execute("SELECT last_seq FROM vms WHERE vm = 'vm-a'").fetchone() == (9,)
+    db.close()
+    reg.close()
+    led.close()
