@@ -19,7 +19,7 @@ from abi.envelope import REQUEST_DOMAIN, RESPONSE_DOMAIN, open_sealed, seal
 from abi.examples import EXAMPLES
 from abi.retcodes import ERRORS
 from firmware.api import Api, Channel
-from firmware.manager import ResourceManager, StateDir, open_manager
+from firmware.manager import StateDir, open_manager
 from firmware.slices import SliceSpec
 
 FAMILIES = sorted({op >> 8 for op in COMMANDS})
