@@ -16,6 +16,7 @@ from pathlib import Path
 from abi.commands import Role
 from firmware.api import Api, Channel
 from hostlib.mailbox import MailboxServer, create_mailbox
+from hostlib.socket_transport import SocketServer
 from hostlib.transport import FrameTooLarge, PeerClosed, TransportError
 
 log = logging.getLogger("slicefab.mailboxes")
@@ -28,11 +29,17 @@ def default_mailbox(state_path: Path, vm: str) -> Path:
     return state_path / "mailboxes" / f"{vm}.mbox"
 
 
+def socket_path(mailbox: Path) -> Path:
+    """Where ``serve --vm-sockets`` serves a VM's pipeline beside its mailbox."""
+    return mailbox.with_name(mailbox.name + ".sock")
+
+
 class _Served:
     def __init__(self, vm: str, server: MailboxServer, channel: Channel) -> None:
         self.vm = vm
         self.server = server
         self.channel = channel
+        self.socket: SocketServer | None = None
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, name=f"mailbox-{vm}", daemon=True)
         self.api: Api | None = None
@@ -57,9 +64,12 @@ class _Served:
 class MailboxService:
     """Serves the mailbox of every provisioned VM; :meth:`refresh` follows the registry."""
 
-    def __init__(self, api: Api, state_path: Path) -> None:
+    def __init__(self, api: Api, state_path: Path, *, sockets: bool = False) -> None:
         self.api = api
         self.state_path = state_path
+        #: also serve each VM's pipeline on a Unix socket at ``<mailbox>.sock`` (mode 0600;
+        #: for host processes standing in for VMs, and to compare transports)
+        self.sockets = sockets
         self._served: dict[str, _Served] = {}
         self._lock = threading.Lock()
 
@@ -80,10 +90,18 @@ class MailboxService:
         served = _Served(vm, MailboxServer(path), Channel(Role.VM, vm))
         served.api = self.api
         served.thread.start()
+        if self.sockets:
+            api, channel = self.api, served.channel
+            served.socket = SocketServer(
+                socket_path(path), lambda frame, peer: api.handle_vm_frame(channel, frame)
+            )
+            served.socket.start()
         return served
 
     @staticmethod
     def _stop(served: _Served) -> None:
+        if served.socket is not None:
+            served.socket.stop()
         served.stop.set()
         served.thread.join(timeout=5)
         with contextlib.suppress(TransportError):

@@ -273,3 +273,15 @@ def test_state_dir_too_long_for_a_socket(tmp_path: Path) -> None:
     deep = tmp_path / ("d" * 100)
     p = run("serve", state=deep, check=False)
     assert p.returncode == 1 and "at most 107" in p.stderr
+
+
+@pytest.mark.slow
+def test_bench_mailbox_prints_named_figures() -> None:
+    figures = json.loads(run("bench", "mailbox", "--quick", "--json").stdout)
+    for key in (
+        "shm_noop_rtt_p50_us",
+        "socket_noop_rtt_p50_us",
+        "ratio_shm_vs_socket_p50",
+        "alloc_free_pairs_per_s",
+    ):
+        assert isinstance(figures[key], (int, float)) and figures[key] > 0, key
