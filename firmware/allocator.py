@@ -233,12 +233,24 @@ class Allocator:
     def restore(self, s: Slice) -> None:
         """Re-take exactly the units of a slice read back from the ledger (recovery).
 
-        Raises :class:`ResourceConflict` if any unit is already held: the ledger contradicts
-        itself, which recovery reports instead of guessing.
+        Raises :class:`ResourceConflict` if any unit is already held (the ledger contradicts
+        itself, which recovery reports instead of guessing), :class:`RequestError` if a unit
+        does not exist on this device.
         """
         a = s.alloc
         if s.id in self.slices:
             raise ResourceConflict(f"slice {s.id} restored twice", slice=s.id)
+        if not 0 <= a.key < self.device.keys:
+            raise RequestError(
+                "alloc.key", f"no key {a.key} on this device", limit=self.device.keys - 1
+            )
+        bad_ports = [p for p in a.ports if not 0 <= p < self.device.crossbar.ports]
+        if bad_ports or len(set(a.ports)) != len(a.ports):
+            raise RequestError(
+                "alloc.ports",
+                f"ports {list(a.ports)} are not distinct ports of "
+                f"this crossbar (0..{self.device.crossbar.ports - 1})",
+            )
         self._claim_key(s.owner, a.key)
         undo: list[Callable[[], None]] = [lambda: self._give_key(a.key)]
         try:

@@ -112,12 +112,13 @@ class ResourceManager:
     def _recover(self) -> None:
         """Re-take every unit recorded in the ledger, then program the fabric from it."""
         for row in self.ledger.slices():
-            spec = SliceSpec.from_dict(row.spec)
-            s = Slice(row.id, spec, Allocation.from_dict(row.alloc))
             try:
+                s = Slice(row.id, SliceSpec.from_dict(row.spec), Allocation.from_dict(row.alloc))
                 self.allocator.restore(s)
             except SlicefabError as e:
                 raise LedgerError(f"ledger slice {row.id} cannot be restored: {e.message}") from e
+            except (KeyError, TypeError, ValueError) as e:  # a row no firmware could have written
+                raise LedgerError(f"ledger slice {row.id} is malformed: {e!r}") from e
             s.transition(SliceState.RESERVED)
         next_id = self.ledger.meta("next_slice_id")
         if next_id is not None:

@@ -1102,3 +1102,16 @@ def test_utilisation_counts_used_units(a: Allocator) -> None:
         "ports": 2,
         "guaranteed_mbps": 2 * 5000,
     }
+
+
+@pytest.mark.parametrize(
+    "alloc",
+    [
+        pytest.param(Allocation(cores=(1,), key=99), id="key"),
+        pytest.param(Allocation(cores=(1,), key=1, ports=(40,)), id="port"),
+    ],
+)
+def test_restore_of_a_unit_the_device_does_not_have_is_refused(
+    a: Allocator, alloc: Allocation
+) -> None:
+    refused(a, SlicefabError, lambda: a.restore(Slice(1, spec(cores={"count": 1}), alloc)))

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
@@ -441,4 +442,7 @@ AllocatorMachine.TestCase.settings = settings(
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
-TestAllocatorStateMachine = AllocatorMachine.TestCase
+# A passing run takes ~10 s. A failing one is shrunk for up to Hypothesis's 300 s shrink
+# budget, the project's default pytest timeout: without more room the timeout kills the
+# shrink and the minimal failing example is lost.
+TestAllocatorStateMachine = pytest.mark.timeout(900)(AllocatorMachine.TestCase)
