@@ -7,9 +7,16 @@ base unit (bytes, Mbit/s).
 
 from __future__ import annotations
 
-import re
-from fractions import Fraction
+from collections.abc import Mapping
 
+from abi.units import (
+    BANDWIDTH_UNITS_MBPS,
+    BANDWIDTH_WHAT,
+    SIZE_UNITS,
+    SIZE_WHAT,
+    QuantityError,
+    parse_quantity,
+)
 from firmware.errors import RequestError
 
 KiB = 1 << 10
@@ -17,54 +24,22 @@ MiB = 1 << 20
 GiB = 1 << 30
 TiB = 1 << 40
 
-_SIZE_UNITS = {
-    "": 1, "b": 1,
-    "k": 1000, "kb": 1000, "m": 10**6, "mb": 10**6,
-    "g": 10**9, "gb": 10**9, "t": 10**12, "tb": 10**12,
-    "kib": KiB, "mib": MiB, "gib": GiB, "tib": TiB,
-}  # fmt: skip
 
-_BW_UNITS_MBPS = {
-    "": 1, "mbit/s": 1, "mbps": 1, "mb/s": 1, "m": 1,
-    "gbit/s": 1000, "gbps": 1000, "gb/s": 1000, "g": 1000,
-    "tbit/s": 1_000_000, "tbps": 1_000_000, "t": 1_000_000,
-}  # fmt: skip
-
-_QUANTITY = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([A-Za-z/]*)\s*$")
-
-
-def _parse(field: str, value: object, units: dict[str, int], what: str) -> int:
-    if isinstance(value, bool):
-        raise RequestError(field, f"expected a {what}, got a boolean", got=value)
-    if isinstance(value, int):
-        return value
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    if not isinstance(value, str):
-        raise RequestError(field, f"expected a {what}, got {type(value).__name__}", got=repr(value))
-    m = _QUANTITY.match(value)
-    if m is None or m.group(2).lower() not in units:
-        raise RequestError(
-            field,
-            f"cannot read {value!r} as a {what}",
-            got=value,
-            expected=f"a number and one of: {', '.join(sorted(u for u in units if u))}",
-        )
-    number, unit = m.group(1), m.group(2).lower()
-    scaled = Fraction(number) * units[unit]  # exact: "2.01 Gbit/s" is 2010 Mbit/s
-    if scaled.denominator != 1:
-        raise RequestError(field, f"{value!r} is not a whole number of base units", got=value)
-    return int(scaled)
+def _parse(field: str, value: object, units: Mapping[str, int], what: str) -> int:
+    try:
+        return parse_quantity(value, units, what)
+    except QuantityError as e:
+        raise RequestError(field, e.message, **e.details) from None
 
 
 def parse_size(field: str, value: object) -> int:
     """``"4 GiB"`` → bytes. Raises :class:`RequestError` naming ``field``."""
-    return _parse(field, value, _SIZE_UNITS, "size (e.g. '4 GiB')")
+    return _parse(field, value, SIZE_UNITS, SIZE_WHAT)
 
 
 def parse_bandwidth(field: str, value: object) -> int:
     """``"25 Gbit/s"`` → Mbit/s. Raises :class:`RequestError` naming ``field``."""
-    return _parse(field, value, _BW_UNITS_MBPS, "bandwidth (e.g. '25 Gbit/s')")
+    return _parse(field, value, BANDWIDTH_UNITS_MBPS, BANDWIDTH_WHAT)
 
 
 def format_size(nbytes: int) -> str:

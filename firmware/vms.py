@@ -22,12 +22,11 @@ import os
 import secrets
 import threading
 import time
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
 from abi.envelope import KEY_BYTES
-from firmware.errors import ConfigError, NotFound, RequestError, SlicefabError
+from firmware.errors import NotFound, RequestError, SlicefabError
 from firmware.ledger import DeleteVm, Ledger, PutVm, PutVmSeq, Record
 from firmware.slices import OWNER_RE
 
@@ -152,7 +151,8 @@ class VmRegistry:
 
 
 def write_credential_file(path: Path, cred: VmCredential) -> None:
-    """The file the administrator hands to the VM: its id, key and mailbox (mode 0600)."""
+    """The file the administrator hands to the VM: its id, key and mailbox (mode 0600).
+    The VM reads it with ``hostlib.credentials.load_credential``."""
     text = (
         "# Slicefab VM credential: keep secret. Anyone holding it can act as this VM.\n"
         f'vm = "{cred.vm}"\n'
@@ -162,23 +162,6 @@ def write_credential_file(path: Path, cred: VmCredential) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(text)
-
-
-def read_credential_file(path: Path) -> VmCredential:
-    """Raises :class:`ConfigError` naming the field when the file is unusable."""
-    try:
-        with path.open("rb") as f:
-            data = tomllib.load(f)
-    except (OSError, tomllib.TOMLDecodeError) as e:
-        raise ConfigError(f"{path}: cannot read credential file: {e}", file=str(path)) from None
-    try:
-        vm, key_hex, mailbox = str(data["vm"]), str(data["key"]), str(data["mailbox"])
-        key = bytes.fromhex(key_hex)
-    except (KeyError, ValueError) as e:
-        raise ConfigError(f"{path}: credential file lacks or garbles {e}", file=str(path)) from None
-    if len(key) != KEY_BYTES:
-        raise ConfigError(f"{path}: key: expected {KEY_BYTES} bytes, got {len(key)}", field="key")
-    return VmCredential(vm, key, mailbox)
 
 
 class BadRequestLimiter:

@@ -39,12 +39,10 @@ import asyncio
 import contextlib
 import functools
 import os
-import re
 import secrets
 import threading
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
-from fractions import Fraction
 from types import TracebackType
 from typing import Any, Concatenate, Final, ParamSpec, TypeVar, overload
 
@@ -62,6 +60,14 @@ from abi.envelope import (
 )
 from abi.errors import DecodeError, EncodeError, UnknownOpcode
 from abi.layout import Payload
+from abi.units import (
+    BANDWIDTH_UNITS_MBPS,
+    BANDWIDTH_WHAT,
+    SIZE_UNITS,
+    SIZE_WHAT,
+    QuantityError,
+    parse_quantity,
+)
 from abi.vendor import ABI_VERSION, NONCE_BYTES
 from hostlib import transport as _t
 from hostlib.credentials import Credential, load_credential
@@ -90,36 +96,12 @@ _HELLO_SEQ: Final = 0
 
 # ------------------------------------------------------------------ quantities
 
-# The units of firmware.units, restated (hostlib may not import the firmware).
-_SIZE_UNITS: Final = {
-    "": 1, "b": 1,
-    "k": 1000, "kb": 1000, "m": 10**6, "mb": 10**6,
-    "g": 10**9, "gb": 10**9, "t": 10**12, "tb": 10**12,
-    "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40,
-}  # fmt: skip
-_BW_UNITS_MBPS: Final = {
-    "": 1, "mbit/s": 1, "mbps": 1, "mb/s": 1, "m": 1,
-    "gbit/s": 1000, "gbps": 1000, "gb/s": 1000, "g": 1000,
-    "tbit/s": 1_000_000, "tbps": 1_000_000, "t": 1_000_000,
-}  # fmt: skip
-_QUANTITY = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([A-Za-z/]*)\s*$")
-
 
 def _quantity(value: object, fld: str, units: Mapping[str, int], what: str) -> int:
-    if isinstance(value, bool):
-        raise RequestError(f"expected a {what}, got a boolean", details={"field": fld})
-    if isinstance(value, int):
-        return value
-    if isinstance(value, str):
-        m = _QUANTITY.match(value)
-        if m is not None and m.group(2).lower() in units:
-            scaled = Fraction(m.group(1)) * units[m.group(2).lower()]
-            if scaled.denominator == 1:
-                return int(scaled)
-            raise RequestError(
-                f"{value!r} is not a whole number of base units", details={"field": fld}
-            )
-    raise RequestError(f"cannot read {value!r} as a {what}", details={"field": fld})
+    try:
+        return parse_quantity(value, units, what)
+    except QuantityError as e:
+        raise RequestError(e.message, details={"field": fld, **e.details}) from None
 
 
 def parse_size(value: int | str, fld: str = "memory") -> int:
@@ -128,7 +110,7 @@ def parse_size(value: int | str, fld: str = "memory") -> int:
     Raises:
         RequestError: not a size; ``field`` is ``fld``.
     """
-    return _quantity(value, fld, _SIZE_UNITS, "size (e.g. '4 GiB')")
+    return _quantity(value, fld, SIZE_UNITS, SIZE_WHAT)
 
 
 def parse_bandwidth(value: int | str, fld: str = "qos") -> int:
@@ -137,7 +119,7 @@ def parse_bandwidth(value: int | str, fld: str = "qos") -> int:
     Raises:
         RequestError: not a bandwidth; ``field`` is ``fld``.
     """
-    return _quantity(value, fld, _BW_UNITS_MBPS, "bandwidth (e.g. '10 Gbit/s')")
+    return _quantity(value, fld, BANDWIDTH_UNITS_MBPS, BANDWIDTH_WHAT)
 
 
 # ------------------------------------------------------------------ results
