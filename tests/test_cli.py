@@ -285,3 +285,45 @@ def test_bench_mailbox_prints_named_figures() -> None:
         "alloc_free_pairs_per_s",
     ):
         assert isinstance(figures[key], (int, float)) and figures[key] > 0, key
+
+
+VM_SCRIPT = """
+import json, sys
+from hostlib import Device
+cred, action = sys.argv[1], sys.argv[2]
+with Device.open(cred) as dev:
+    if action == "allocate":
+        s = dev.allocate(cores=2, memory="1 GiB", lanes=4, endpoint="nvme0", guaranteed="5 Gbit/s")
+        print(json.dumps({"id": s.id, "state": s.state, "owner": s.owner}))
+    else:
+        print(json.dumps([[s.id, s.state, s.owner] for s in dev.slices()]))
+"""
+
+
+def test_vm_process_uses_the_daemon_through_its_mailbox(daemon: Daemon, tmp_path: Path) -> None:
+    """What a user does: serve, provision a VM, and the VM (a separate process with only
+    hostlib and its credential) allocates through its mailbox; it survives a SIGKILL."""
+    banner = daemon.start()
+    assert "0 VM mailboxes" in banner
+    cred = tmp_path / "vm-a.credential.toml"
+    added = run_json("vm", "add", "vm-a", "--credential", str(cred), state=daemon.state)
+    assert added["vm"] == "vm-a" and oct(cred.stat().st_mode & 0o777) == "0o600"
+    run("vm", "add", "vm-b", "--credential", str(tmp_path / "vm-b.toml"), state=daemon.state)
+
+    def vm(credential: Path, action: str) -> Any:
+        p = subprocess.run(
+            [sys.executable, "-c", VM_SCRIPT, str(credential), action],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert p.returncode == 0, p.stderr
+        return json.loads(p.stdout)
+
+    s = vm(cred, "allocate")
+    assert s["owner"] == "vm-a" and s["state"] == "active"
+    assert vm(tmp_path / "vm-b.toml", "list") == []  # vm-b does not see vm-a's slice
+    daemon.kill()
+    assert "2 VM mailboxes" in daemon.start()  # mailboxes served again after recovery
+    assert vm(cred, "list") == [[s["id"], "active", "vm-a"]]
+    assert run_json("check", state=daemon.state) == {"violations": []}
