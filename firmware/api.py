@@ -35,9 +35,11 @@ from abi.envelope import seal as seal_frame
 from abi.envelope import split as split_frame
 from abi.errors import AbiError, DecodeError
 from abi.vendor import ABI_VERSION
+from firmware.allocator import Allocator
 from firmware.errors import NotFound, RequestError, SlicefabError
 from firmware.manager import ADMIN, ResourceManager
-from firmware.slices import ResizeSpec, SliceSpec
+from firmware.resources.lanes import LaneGroup
+from firmware.slices import ResizeSpec, Slice, SliceSpec
 from firmware.vms import BadRequestLimiter, ReplayError, VmRegistry
 
 #: the largest frame a VM may send: envelope trailer + header + payload cap
@@ -331,13 +333,163 @@ def _telemetry(api: Api, ch: Channel, p: Mapping[str, Any]) -> Mapping[str, Any]
 
 
 def _vm_add(api: Api, ch: Channel, p: Mapping[str, Any]) -> Mapping[str, Any]:
-    cred = api.vms.add(p["vm"], p["mailbox"])
+    cred = api.manager.provision_vm(p["vm"], p["mailbox"])
     return {"vm": cred.vm, "key": cred.key, "mailbox": cred.mailbox}
 
 
 def _vm_remove(api: Api, ch: Channel, p: Mapping[str, Any]) -> Mapping[str, Any]:
-    api.vms.remove(p["vm"])
+    api.manager.remove_vm(p["vm"])
     return {}
+
+
+# ---------------------------------------------------------------- inventory views
+# Free counts are device-wide (what a VM needs to plan a request); what is *held* is shown
+# to a VM only for its own slices, to the admin for everyone.
+
+
+def _mine(a: Allocator, ch: Channel) -> list[Slice]:
+    return [s for s in a.slices.values() if ch.vm is None or s.owner == ch.vm]
+
+
+def _cores(api: Api, ch: Channel, p: Mapping[str, Any]) -> Mapping[str, Any]:
+    def view(a: Allocator) -> Mapping[str, Any]:
+        sizes = api.manager.device.cluster_sizes
+        return {
+            "clusters": [{"size": n, "free": a.cores.free_count(c)} for c, n in enumerate(sizes)],
+            "held": sorted(c for s in _mine(a, ch) for c in s.alloc.cores),
+        }
+
+    return api.manager.read(view)
+
+
+def _memory(api: Api, ch: Channel, p: Mapping[str, Any]) -> Mapping[str, Any]:
+    dev = api.manager.device
+
+    def view(a: Allocator) -> Mapping[str, Any]:
+        return {
+            "memory_bytes": dev.memory_bytes,
+            "granule_bytes": dev.granule_bytes,
+            "free_granules": a.memory.free_granules,
+            "largest_free_granules": a.memory.largest_free,
+            "max_extents_per_slice": dev.max_extents_per_slice,
+            "held_granules": sum(s.alloc.granules for s in _mine(a, ch)),
+        }
+
+    return api.manager.read(view)
+
+
+def _lanes(api: Api, ch: Channel, p: Mapping[str, Any]) -> Mapping[str, Any]:
+    dev = api.manager.device
+
+    def view(a: Allocator) -> Mapping[str, Any]:
+        return {
+            "ports": [
+                {"lanes": n, "free": a.lanes.free_lanes(i)} for i, n in enumerate(dev.port_lanes)
+            ],
+            "endpoints": [
+                {
+                    "name": e.name, "kind": e.kind, "port": e.port, "first_lane": e.first_lane,
+                    "width": e.width,
+                    "free": a.lanes.is_free(LaneGroup(e.port, e.first_lane, e.width)),
+                }
+                for e in dev.endpoints
+            ],
+        }  # fmt: skip
+
+    return api.manager.read(view)
+
+
+def _keys(api: Api, ch: Channel, p: Mapping[str, Any]) -> Mapping[str, Any]:
+    def view(a: Allocator) -> Mapping[str, Any]:
+        return {
+            "total": len(a.key_owner),
+            "free": sum(o is None for o in a.key_owner),
+            "held": [k for k, o in enumerate(a.key_owner) if o is not None
+                     and (ch.vm is None or o == ch.vm)],
+        }  # fmt: skip
+
+    return api.manager.read(view)
+
+
+def _ports(api: Api, ch: Channel, p: Mapping[str, Any]) -> Mapping[str, Any]:
+    cap = api.manager.device.crossbar.port_mbps
+
+    def view(a: Allocator) -> Mapping[str, Any]:
+        return {
+            "total": len(a.ports),
+            "free": sum(st.owner is None for st in a.ports),
+            "port_mbps": cap,
+            "held": [
+                {"port": i, "guaranteed_mbps": st.guaranteed_mbps,
+                 "maximum_mbps": min(cap, st.limit_mbps)}
+                for i, st in enumerate(a.ports)
+                if st.owner is not None and (ch.vm is None or st.owner == ch.vm)
+            ],
+        }  # fmt: skip
+
+    return api.manager.read(view)
+
+
+# ---------------------------------------------------------------- admin views
+
+
+def _port_counters(api: Api, ports: list[int]) -> list[Mapping[str, Any]]:
+    from abi import regmap as rm
+
+    bus = api.manager.fabric.bus
+    return [
+        {
+            "port": port,
+            "packets": bus.read(rm.port_reg(port, rm.PORT_CNT_PKTS_OFFSET)),
+            "flits": bus.read(rm.port_reg(port, rm.PORT_CNT_FLITS_OFFSET)),
+            "drops": bus.read(rm.port_reg(port, rm.PORT_CNT_DROPS_OFFSET)),
+            "stalls": bus.read(rm.port_reg(port, rm.PORT_CNT_STALLS_OFFSET)),
+        }
+        for port in ports
+    ]
+
+
+def _device_telemetry(api: Api, ch: Channel, p: Mapping[str, Any]) -> Mapping[str, Any]:
+    status = api.manager.status()
+    held = api.manager.read(lambda a: [i for i, st in enumerate(a.ports) if st.owner is not None])
+    return {
+        "slices": status["slices"],
+        "utilisation": convert.utilisation_to_payload(status["utilisation"]),
+        "generation": status["fabric"]["generation"],
+        "ports": _port_counters(api, held),
+    }
+
+
+#: a VM_LIST page holds at most this many VMs (its layout's list bound)
+_VM_PAGE = 16
+
+
+def _vm_list(api: Api, ch: Channel, p: Mapping[str, Any]) -> Mapping[str, Any]:
+    creds = api.vms.credentials()
+    per_vm = api.manager.read(lambda a: [s.owner for s in a.slices.values()])
+    page = creds[p["start"] : p["start"] + _VM_PAGE]
+    nxt = p["start"] + len(page)
+    return {
+        "total": len(creds),
+        "next": nxt if nxt < len(creds) else 0,
+        "vms": [{"vm": c.vm, "mailbox": c.mailbox, "last_seq": api.vms.last_seq(c.vm),
+                 "slices": per_vm.count(c.vm)} for c in page],
+    }  # fmt: skip
+
+
+def _fabric(api: Api, ch: Channel, p: Mapping[str, Any]) -> Mapping[str, Any]:
+    d = api.manager.fabric.describe()
+    return {
+        "backend": d["backend"],
+        "generation": d["generation"],
+        "syncs": d["syncs"],
+        "register_writes": d["register_writes"],
+        "ports": [
+            {"permission": d["permission"][i], "weight": d["weight"][i], "keys": d["keys"][i],
+             "tb_rate": d["tb_rate"][i]}
+            for i in range(d["ports"])
+        ],
+    }  # fmt: skip
 
 
 HANDLERS: dict[str, Handler] = {
@@ -356,4 +508,14 @@ HANDLERS: dict[str, Handler] = {
     ),
     "VM_ADD": _vm_add,
     "VM_REMOVE": _vm_remove,
+    "VM_LIST": _vm_list,
+    "CORES": _cores,
+    "MEMORY": _memory,
+    "LANES": _lanes,
+    "KEYS": _keys,
+    "PORTS": _ports,
+    "DEVICE_TELEMETRY": _device_telemetry,
+    "STATUS": lambda api, ch, p: convert.status_to_payload(api.manager.status()),
+    "CHECK": lambda api, ch, p: {"violations": api.manager.check_invariants()},
+    "FABRIC": _fabric,
 }

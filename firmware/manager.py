@@ -30,7 +30,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from firmware.allocator import Allocator
 from firmware.errors import (
@@ -53,11 +53,14 @@ from firmware.ledger import (
     Record,
 )
 from firmware.slices import Allocation, ResizeSpec, Slice, SliceSpec, SliceState
-from firmware.vms import VmRegistry
+from firmware.vms import VmCredential, VmRegistry
+from hostlib.mailbox import create_mailbox
+from hostlib.transport import TransportError
 
 ADMIN: str | None = None  # the caller identity of the admin socket / CLI: sees every slice
 _ADMIN_SCOPE = "@admin"  # request-id scope of the admin (no VM id starts with "@")
 REQUEST_ID_MAX = 128
+T = TypeVar("T")
 
 
 @dataclass
@@ -292,6 +295,36 @@ class ResourceManager:
                 "records": self.ledger.records,
             },
         }
+
+    def provision_vm(self, vm: str, mailbox: str) -> VmCredential:
+        """Provision a VM: a fresh key (durable), its mailbox file, served at once by a
+        running daemon (``on_vms_changed``). Raises RequestError for a bad id or a mailbox
+        that cannot be created (the VM is then not provisioned)."""
+        if not isinstance(mailbox, str) or not mailbox:
+            raise RequestError("mailbox", "expected the mailbox file's path")
+        cred = self.vms.add(vm, mailbox)
+        try:
+            Path(mailbox).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            create_mailbox(mailbox)
+        except (OSError, TransportError) as e:
+            self.vms.remove(cred.vm)
+            raise RequestError("mailbox", f"cannot create {mailbox}: {e}") from None
+        if self.on_vms_changed is not None:
+            self.on_vms_changed()
+        return cred
+
+    def remove_vm(self, vm: str) -> None:
+        """Revoke a VM's credential and stop serving its mailbox (its slices stay)."""
+        if not isinstance(vm, str):
+            raise RequestError("vm", "expected a VM id")
+        self.vms.remove(vm)
+        if self.on_vms_changed is not None:
+            self.on_vms_changed()
+
+    def read(self, view: Callable[[Allocator], T]) -> T:
+        """``view(allocator)`` computed under the lock: a consistent read of the pools."""
+        with self._lock:
+            return view(self.allocator)
 
     def check_invariants(self, attempts: int = 100) -> list[str]:
         """Allocator invariants, plus: the crossbar, read back, holds what the slice table

@@ -22,8 +22,6 @@ from typing import Any
 from firmware.errors import ConfigError, RequestError, SlicefabError
 from firmware.manager import ADMIN, ResourceManager, StateDir
 from firmware.slices import ResizeSpec, SliceSpec
-from hostlib.mailbox import create_mailbox
-from hostlib.transport import TransportError
 
 #: a request line larger than this is refused before it is parsed
 MAX_REQUEST_BYTES = 64 * 1024
@@ -45,31 +43,14 @@ def _arg(args: dict[str, Any], name: str) -> dict[str, Any]:
 
 
 def _vm_add(m: ResourceManager, args: dict[str, Any]) -> dict[str, Any]:
-    """Provision a VM: a fresh key, a mailbox file, served at once by a running daemon.
-    The answer carries the key: the admin channel is the state directory owner's only."""
-    vm, mailbox = args.get("vm"), args.get("mailbox")
-    if not isinstance(mailbox, str) or not mailbox:
-        raise RequestError("mailbox", "expected the mailbox file's path")
-    cred = m.vms.add(vm, mailbox)  # type: ignore[arg-type]  # add() validates vm
-    try:
-        Path(mailbox).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        create_mailbox(mailbox)
-    except (OSError, TransportError) as e:
-        m.vms.remove(cred.vm)
-        raise RequestError("mailbox", f"cannot create {mailbox}: {e}") from None
-    if m.on_vms_changed is not None:
-        m.on_vms_changed()
+    """The answer carries the key: the admin channel is the state directory owner's only."""
+    cred = m.provision_vm(args.get("vm"), args.get("mailbox"))  # type: ignore[arg-type]
     return {"vm": cred.vm, "key": cred.key.hex(), "mailbox": cred.mailbox}
 
 
 def _vm_remove(m: ResourceManager, args: dict[str, Any]) -> dict[str, Any]:
-    vm = args.get("vm")
-    if not isinstance(vm, str):
-        raise RequestError("vm", "expected a VM id")
-    m.vms.remove(vm)
-    if m.on_vms_changed is not None:
-        m.on_vms_changed()
-    return {"vm": vm}
+    m.remove_vm(args.get("vm"))  # type: ignore[arg-type]
+    return {"vm": args.get("vm")}
 
 
 def _slice_id(args: dict[str, Any]) -> int:

@@ -132,8 +132,13 @@ def test_garbage_frames_are_answered_and_rate_limited(device_api: Any, state: St
     for junk in (b"", b"x", b"\x00" * 52, os.urandom(200), b"\xff" * 4000):
         answer = a.transport.request(junk, timeout=10)
         msg, _ = open_sealed(a.key, RESPONSE_DOMAIN, "vm-a", answer)
-        assert decode_response(msg).error["code"] in {"malformed", "auth_failed", "rate_limited",
-                                                      "payload_too_large", "unsupported"}
+        assert decode_response(msg).error["code"] in {
+            "malformed",
+            "auth_failed",
+            "rate_limited",
+            "payload_too_large",
+            "unsupported",
+        }
     codes = set()
     for _ in range(60):  # a flood of forgeries: the limiter answers Busy without verifying
         answer = a.transport.request(os.urandom(100), timeout=10)
@@ -143,9 +148,7 @@ def test_garbage_frames_are_answered_and_rate_limited(device_api: Any, state: St
     assert service.channels()["vm-a"].limiter.rejected > 0
 
 
-def test_sequence_counter_survives_restart(
-    device_api: Any, state: StateDir, open_rm: Any
-) -> None:
+def test_sequence_counter_survives_restart(device_api: Any, state: StateDir, open_rm: Any) -> None:
     rm, service = device_api
     a = provision(rm, service, state, "vm-a")
     frame = a.frame("ALLOCATE", ALLOC)
@@ -176,3 +179,36 @@ def test_revoked_vm_cannot_authenticate(device_api: Any, state: StateDir) -> Non
     a.transport = MailboxClient(default_mailbox(state.path, "vm-a"))
     with pytest.raises(Exception, match="does not verify"):
         a.call("NOP", {"data": b""})  # the answer is sealed with the new key
+
+
+def test_inventory_views_show_a_vm_only_what_it_holds(device_api: Any, state: StateDir) -> None:
+    rm, service = device_api
+    a = provision(rm, service, state, "vm-a")
+    b = provision(rm, service, state, "vm-b")
+    assert a.call("ALLOCATE", ALLOC).ok and b.call("ALLOCATE", ALLOC).ok
+    cores_a = a.call("CORES", {}).payload
+    assert len(cores_a["held"]) == 2  # its own two cores, not vm-b's
+    assert sum(c["free"] for c in cores_a["clusters"]) == rm.device.cores - 4  # device-wide
+    assert a.call("KEYS", {}).payload["held"] == [rm.list_slices(owner="vm-a")[0]["alloc"]["key"]]
+    ports_a = a.call("PORTS", {}).payload
+    assert [p["port"] for p in ports_a["held"]] == rm.list_slices(owner="vm-a")[0]["alloc"]["ports"]
+    assert a.call("MEMORY", {}).payload["held_granules"] == 512
+    assert {e["name"] for e in a.call("LANES", {}).payload["endpoints"]} == {"nvme0", "nvme1"}
+
+
+def test_every_command_has_a_handler(device_api: Any, state: StateDir) -> None:
+    """Every vendor command in the table is answered by this firmware (not *Unsupported*);
+    the CXL FM API commands (54h, 56h) are handled by firmware.fmapi when registered."""
+    from abi.commands import COMMANDS, Role
+    from abi.examples import EXAMPLES
+    from firmware.api import HANDLERS
+
+    missing = [c.name for op, c in COMMANDS.items() if op >> 8 >= 0xC0 and c.name not in HANDLERS]
+    assert missing == []
+    rm, service = device_api
+    a = provision(rm, service, state, "vm-a")
+    for op, cmd in COMMANDS.items():
+        if op >> 8 < 0xC0 or not cmd.allowed(Role.VM):
+            continue
+        r = a.call(cmd.name, EXAMPLES[op][0])
+        assert r.ok or r.error["code"] != "unsupported", (cmd.name, r.error)
