@@ -100,12 +100,14 @@ _TABLE = (
         of the crossbar (the thresholds apply to port utilisation)."""),
     Command(0x5404, "SET_QOS_CONTROL", ADMIN, _F.QOS_CONTROL, _F.QOS_CONTROL, """
         CXL r3.1 §7.6.7.4.5 Set QoS Control; libcxlmi struct
-        cxlmi_cmd_fmapi_set_qos_control_req/_rsp. Slicefab: stores the settings; they
-        change telemetry only, never admission or the token buckets."""),
+        cxlmi_cmd_fmapi_set_qos_control_req/_rsp. Slicefab: the controls drive CXL's DevLoad
+        signal, which Slicefab's messages do not carry, so only the values GET_QOS_CONTROL
+        reports are accepted; any other value is refused naming its field."""),
     Command(0x5405, "GET_QOS_STATUS", ADMIN, _F.EMPTY, _F.GET_QOS_STATUS_RSP, """
         CXL r3.1 §7.6.7.4.6 Get QoS Status; libcxlmi struct
-        cxlmi_cmd_fmapi_get_qos_status_rsp. Slicefab: the average utilisation of the
-        crossbar's ports. Admin only: it reveals other VMs' load."""),
+        cxlmi_cmd_fmapi_get_qos_status_rsp. Slicefab: the measured token-bucket backpressure:
+        100 x stall cycles / (flits + stall cycles) over all crossbar inputs. Admin only:
+        it reveals other VMs' load."""),
     Command(0x5406, "GET_QOS_ALLOCATED_BW", BOTH, _F.LD_RANGE_REQ, _F.QOS_ALLOCATED_BW, """
         CXL r3.1 §7.6.7.4.7 Get QoS Allocated BW; libcxlmi struct
         cxlmi_cmd_fmapi_get_qos_allocated_bw_req/_rsp. Slicefab: the guaranteed share of
@@ -124,8 +126,9 @@ _TABLE = (
         the port's capacity, reads 255). A VM may read its own LD."""),
     Command(0x5409, "SET_QOS_BW_LIMIT", ADMIN, _F.QOS_BW_LIMIT, _F.QOS_BW_LIMIT, """
         CXL r3.1 §7.6.7.4.10 Set QoS BW Limit; libcxlmi struct
-        cxlmi_cmd_fmapi_set_qos_bw_limit_req/_rsp. Slicefab: sets the maximum of every
-        slice of the LD's VM to fraction/256 of a port (never below its guarantee)."""),
+        cxlmi_cmd_fmapi_set_qos_bw_limit_req/_rsp. Slicefab: limits the LD's busiest port to
+        fraction/256 of a port, split across the slices sharing it so that GET reads back
+        the fraction set; 255 removes the limit; never below a slice's guarantee."""),
     # ---------------------------------------------------------------- CXL FM API, 56h
     Command(0x5604, "INITIATE_DC_ADD", ADMIN, _F.INITIATE_DC_ADD_REQ, _F.EMPTY, """
         CXL r3.1 §7.6.7.6.5 Initiate Dynamic Capacity Add; libcxlmi struct

@@ -519,3 +519,8 @@ HANDLERS: dict[str, Handler] = {
     "CHECK": lambda api, ch, p: {"violations": api.manager.check_invariants()},
     "FABRIC": _fabric,
 }
+
+# The CXL FM API commands (54h, 56h): their handlers live in firmware.fmapi.
+from firmware.fmapi import FMAPI_HANDLERS  # noqa: E402  (imports nothing from this module)
+
+HANDLERS.update(FMAPI_HANDLERS)
