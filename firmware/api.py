@@ -29,7 +29,15 @@ from typing import Any
 
 from abi import convert
 from abi.cci import HEADER_BYTES, MAX_PAYLOAD, Category, Message, check_header
-from abi.commands import COMMANDS, Command, Role, allowed_opcodes, encode_error, encode_response
+from abi.commands import (
+    BY_NAME,
+    COMMANDS,
+    Command,
+    Role,
+    allowed_opcodes,
+    encode_error,
+    encode_response,
+)
 from abi.envelope import REQUEST_DOMAIN, RESPONSE_DOMAIN, TRAILER_BYTES, BadTag, open_sealed
 from abi.envelope import seal as seal_frame
 from abi.envelope import split as split_frame
@@ -44,7 +52,7 @@ from firmware.vms import BadRequestLimiter, ReplayError, VmRegistry
 
 #: the largest frame a VM may send: envelope trailer + header + payload cap
 MAX_FRAME = TRAILER_BYTES + HEADER_BYTES + MAX_PAYLOAD
-_HELLO = next(c.opcode for c in COMMANDS.values() if c.name == "HELLO")
+_HELLO = BY_NAME["HELLO"].opcode
 _NO_REQUEST = Message(Category.REQUEST, 0, 0)  # what an unreadable header is answered as
 
 
@@ -290,7 +298,7 @@ def _list(
         for v in api.manager.list_slices(caller=_caller(ch), owner=owner)
         if v["id"] >= p["start_id"]
     ]
-    layout = COMMANDS[next(c for c, v in COMMANDS.items() if v.name == "LIST")].response
+    layout = BY_NAME["LIST"].response
     page: list[Mapping[str, Any]] = []
     next_id = 0
     for v in views:
@@ -306,20 +314,8 @@ def _list(
 
 
 def _telemetry(api: Api, ch: Channel, p: Mapping[str, Any]) -> Mapping[str, Any]:
-    from abi import regmap as rm
-
     view = api.manager.get(p["slice"], caller=_caller(ch))
-    bus = api.manager.fabric.bus
-    ports = [
-        {
-            "port": port,
-            "packets": bus.read(rm.port_reg(port, rm.PORT_CNT_PKTS_OFFSET)),
-            "flits": bus.read(rm.port_reg(port, rm.PORT_CNT_FLITS_OFFSET)),
-            "drops": bus.read(rm.port_reg(port, rm.PORT_CNT_DROPS_OFFSET)),
-            "stalls": bus.read(rm.port_reg(port, rm.PORT_CNT_STALLS_OFFSET)),
-        }
-        for port in view["alloc"]["ports"]
-    ]
+    ports = _port_counters(api, view["alloc"]["ports"])
     lanes = view["alloc"]["lanes"]
     return {
         "slice": view["id"],
@@ -434,19 +430,7 @@ def _ports(api: Api, ch: Channel, p: Mapping[str, Any]) -> Mapping[str, Any]:
 
 
 def _port_counters(api: Api, ports: list[int]) -> list[Mapping[str, Any]]:
-    from abi import regmap as rm
-
-    bus = api.manager.fabric.bus
-    return [
-        {
-            "port": port,
-            "packets": bus.read(rm.port_reg(port, rm.PORT_CNT_PKTS_OFFSET)),
-            "flits": bus.read(rm.port_reg(port, rm.PORT_CNT_FLITS_OFFSET)),
-            "drops": bus.read(rm.port_reg(port, rm.PORT_CNT_DROPS_OFFSET)),
-            "stalls": bus.read(rm.port_reg(port, rm.PORT_CNT_STALLS_OFFSET)),
-        }
-        for port in ports
-    ]
+    return [{"port": port, **api.manager.fabric.port_counters(port)} for port in ports]
 
 
 def _device_telemetry(api: Api, ch: Channel, p: Mapping[str, Any]) -> Mapping[str, Any]:

@@ -122,7 +122,6 @@ from dataclasses import dataclass
 from itertools import pairwise
 from typing import TYPE_CHECKING, Any
 
-from abi import regmap
 from abi.errors import DecodeError
 from abi.fmapi import FRACTION_DENOMINATOR, MEMORY_GRANULARITY, fraction, tag_slice
 from firmware.errors import (
@@ -490,11 +489,11 @@ def set_qos_control(api: Api, channel: Channel, payload: Mapping[str, Any]) -> M
 def get_qos_status(api: Api, channel: Channel, payload: Mapping[str, Any]) -> Mapping[str, Any]:
     """GET_QOS_STATUS (5405h): the share of busy input cycles stalled by token buckets."""
     _admin_only(channel, "GET_QOS_STATUS")
-    bus = api.manager.fabric.bus
-    flits = stalls = 0
-    for port in range(api.manager.device.crossbar.ports):
-        flits += bus.read(regmap.port_reg(port, regmap.PORT_CNT_FLITS_OFFSET))
-        stalls += bus.read(regmap.port_reg(port, regmap.PORT_CNT_STALLS_OFFSET))
+    counters = [
+        api.manager.fabric.port_counters(p) for p in range(api.manager.device.crossbar.ports)
+    ]
+    flits = sum(c["flits"] for c in counters)
+    stalls = sum(c["stalls"] for c in counters)
     busy = flits + stalls
     return {"backpressure_avg_percentage": 100 * stalls // busy if busy else 0}
 

@@ -173,6 +173,18 @@ class FabricDriver:
             f"crossbar ports did not adopt generation {self.generation} within {ADOPT_POLLS} polls"
         )
 
+    def port_counters(self, port: int) -> dict[str, int]:
+        """The traffic counters of input ``port``, read from the crossbar (32-bit, wrapping)."""
+        return {
+            name: self.bus.read(rm.port_reg(port, offset))
+            for name, offset in (
+                ("packets", rm.PORT_CNT_PKTS_OFFSET),
+                ("flits", rm.PORT_CNT_FLITS_OFFSET),
+                ("drops", rm.PORT_CNT_DROPS_OFFSET),
+                ("stalls", rm.PORT_CNT_STALLS_OFFSET),
+            )
+        }
+
     def permission_table(self) -> list[int]:
         return [img.permission_of(self.image, p) for p in range(self.device.crossbar.ports)]
 
