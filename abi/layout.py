@@ -80,6 +80,20 @@ class FieldError(cs.ConstructError):
         self.expected = expected
 
 
+def _utf8_decode(raw: bytes, path: str) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise FieldError("not valid UTF-8", path, expected="UTF-8 text") from None
+
+
+def _utf8_encode(text: str, path: str) -> bytes:
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise FieldError("not encodable as UTF-8", path, expected="UTF-8 text") from None
+
+
 class _Stream(io.BytesIO):
     """A parse stream that remembers where each field being parsed starts."""
 
@@ -193,10 +207,7 @@ class Text(_Construct):
         raw = stream_read(stream, n, path)
         if n == 0 and self.optional:
             return None
-        try:
-            return raw.decode("utf-8")
-        except UnicodeDecodeError:
-            raise FieldError("not valid UTF-8", path, expected="UTF-8 text") from None
+        return _utf8_decode(raw, path)
 
     def _build(self, obj: Any, stream: Any, context: Any, path: str) -> Any:
         if obj is None and self.optional:
@@ -204,10 +215,7 @@ class Text(_Construct):
             return None
         if not isinstance(obj, str):
             raise FieldError(f"expected a string, got {type(obj).__name__}", path)
-        try:
-            raw = obj.encode("utf-8")
-        except UnicodeEncodeError:
-            raise FieldError("not encodable as UTF-8", path, expected="UTF-8 text") from None
+        raw = _utf8_encode(obj, path)
         if len(raw) > self.max_bytes:
             raise FieldError(
                 f"{len(raw)} bytes of UTF-8 exceed the limit of {self.max_bytes}",
@@ -268,10 +276,7 @@ class FixedText(_Construct):
             raise FieldError("NUL inside the text", path, expected="text, then NUL padding")
         if not raw and self.optional:
             return None
-        try:
-            return raw.decode("utf-8")
-        except UnicodeDecodeError:
-            raise FieldError("not valid UTF-8", path, expected="UTF-8 text") from None
+        return _utf8_decode(raw, path)
 
     def _build(self, obj: Any, stream: Any, context: Any, path: str) -> Any:
         if obj is None and self.optional:
@@ -281,10 +286,7 @@ class FixedText(_Construct):
             raise FieldError(f"expected a string without NUL, got {obj!r}", path)
         if not obj and self.optional:
             raise FieldError("an empty string cannot be sent here; use None", path)
-        try:
-            raw = obj.encode("utf-8")
-        except UnicodeEncodeError:
-            raise FieldError("not encodable as UTF-8", path, expected="UTF-8 text") from None
+        raw = _utf8_encode(obj, path)
         if len(raw) > self.size:
             raise FieldError(
                 f"{len(raw)} bytes of UTF-8 exceed the field's {self.size}",
