@@ -35,17 +35,16 @@ def socket_path(mailbox: Path) -> Path:
 
 
 class _Served:
-    def __init__(self, vm: str, server: MailboxServer, channel: Channel) -> None:
+    def __init__(self, api: Api, vm: str, server: MailboxServer, channel: Channel) -> None:
+        self.api = api
         self.vm = vm
         self.server = server
         self.channel = channel
         self.socket: SocketServer | None = None
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, name=f"mailbox-{vm}", daemon=True)
-        self.api: Api | None = None
 
     def _run(self) -> None:
-        assert self.api is not None
         api = self.api
         while not self.stop.is_set():
             try:
@@ -87,8 +86,7 @@ class MailboxService:
     def _start(self, vm: str, path: Path) -> _Served:
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         create_mailbox(path)  # keeps a valid mailbox's sequence numbers, resets garbage
-        served = _Served(vm, MailboxServer(path), Channel(Role.VM, vm))
-        served.api = self.api
+        served = _Served(self.api, vm, MailboxServer(path), Channel(Role.VM, vm))
         served.thread.start()
         if self.sockets:
             api, channel = self.api, served.channel
