@@ -22,10 +22,11 @@ from typing import Any
 
 from rich.console import Console
 
+from firmware.admin import AdminClient, AdminServer, LocalClient
 from firmware.errors import SlicefabError
 from firmware.inventory import load_device
 from firmware.manager import StateDir, default_state_dir, open_manager
-from firmware.service import AdminClient, AdminServer, LocalClient
+from hostlib.transport import PeerClosed
 
 console = Console()
 err_console = Console(stderr=True)
@@ -51,7 +52,7 @@ def connect(args: argparse.Namespace) -> Client:
     if state.socket.exists():
         try:
             return AdminClient(state.socket)
-        except (ConnectionRefusedError, FileNotFoundError):
+        except PeerClosed:
             pass  # a stale socket from a daemon that died: work in-process
     return LocalClient(open_manager(state, args.device), state)
 
@@ -88,28 +89,26 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # The daemon's threads hand work to each other (mailbox pollers, ledger writer): the
     # default 5 ms GIL switch interval would add up to 5 ms to every hand-off.
     sys.setswitchinterval(SWITCH_INTERVAL_S)
+    from firmware.api import Api
+    from firmware.mailboxes import MailboxService
+
     state = StateDir(args.state_dir)
     manager = open_manager(state, args.device)
+    api = Api(manager, manager.vms)
     try:
-        server = AdminServer(state.socket, manager)
+        server = AdminServer(state.socket, api)
+        server.start()
     except BaseException:
         manager.close()
         state.unlock()
         raise
-
-    def stop() -> None:
-        # serve_forever must be stopped from another thread than the one it runs on
-        threading.Thread(target=server.shutdown, daemon=True).start()
-
-    from firmware.api import Api
-    from firmware.mailboxes import MailboxService
-
-    mailboxes = MailboxService(Api(manager, manager.vms), state.path, sockets=args.vm_sockets)
+    stopping = threading.Event()
+    signal.signal(signal.SIGTERM, lambda signum, frame: stopping.set())
+    signal.signal(signal.SIGINT, lambda signum, frame: stopping.set())
+    manager.on_fatal = stopping.set
+    mailboxes = MailboxService(api, state.path, sockets=args.vm_sockets)
     mailboxes.refresh()
     manager.on_vms_changed = mailboxes.refresh
-    signal.signal(signal.SIGTERM, lambda signum, frame: stop())
-    signal.signal(signal.SIGINT, lambda signum, frame: stop())
-    manager.on_fatal = stop
     n = len(manager.allocator.slices)
     print(
         f"slicefab: serving device {manager.device.name} on {state.socket} "
@@ -118,11 +117,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         flush=True,
     )
     try:
-        server.serve_forever(poll_interval=0.2)
+        while not stopping.wait(0.2):  # a timed wait lets the signal handlers run
+            pass
     finally:
+        server.stop()
         mailboxes.close()
-        server.server_close()
-        state.socket.unlink(missing_ok=True)
         manager.close()
         state.unlock()
     if manager.failed is not None:
@@ -187,14 +186,15 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 0
     console.print(
         f"[bold]{st['device']}[/]: {st['slices']} live slices, fabric generation "
-        f"{st['fabric']['generation']}, ledger {st['ledger']['path']}"
+        f"{st['fabric']['generation']}, ledger {StateDir(args.state_dir).ledger} "
+        f"({st['ledger']['batches']} commits)"
     )
     console.print(utilisation_table(st["utilisation"], _granule(dev)))
     return 0
 
 
-def _granule(dev_summary: dict[str, Any]) -> int:
-    return int(dev_summary["memory"]["bytes"] // dev_summary["memory"]["granules"])
+def _granule(device_info: dict[str, Any]) -> int:
+    return int(device_info["granule_bytes"])
 
 
 def cmd_slices_list(args: argparse.Namespace) -> int:
@@ -466,8 +466,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     s = sub.add_parser("serve", parents=[common], help="run the firmware daemon")
-    s.add_argument("--vm-sockets", action="store_true",
-                   help="also serve each VM's API on a Unix socket beside its mailbox")
+    s.add_argument(
+        "--vm-sockets",
+        action="store_true",
+        help="also serve each VM's API on a Unix socket beside its mailbox",
+    )
     s.set_defaults(func=cmd_serve)
 
     dev = sub.add_parser("device", help="the device inventory").add_subparsers(

@@ -201,32 +201,41 @@ def test_daemon_owns_the_state_dir_and_cleans_up(daemon: Daemon) -> None:
     assert not sock.exists()
 
 
-def test_daemon_answers_malformed_requests(daemon: Daemon) -> None:
-    import socket
+def test_daemon_answers_malformed_admin_frames(daemon: Daemon) -> None:
+    """The admin socket speaks CCI: every bad frame gets an error answer with the right
+    code, the daemon keeps serving, and nothing changed."""
+    from abi.cci import Category, Message
+    from abi.commands import BY_NAME, decode_response, encode_request
+    from hostlib.socket_transport import SocketClient
 
     daemon.start()
-    with socket.socket(socket.AF_UNIX) as s:
-        s.connect(str(daemon.state / "admin.sock"))
-        f = s.makefile("rwb")
-        for raw in (
-            b'{"op": []}\n',  # unhashable op
-            b'{"op": "allocate", "args": {"spec": {"owner": "vm", "ports": NaN}}}\n',
-            b'{"op": "show", "args": {"slice": ' + b"9" * 5000 + b"}}\n",  # int too long
-            b"[" * 5000 + b"]" * 5000 + b"\n",  # nesting deeper than the parser allows
-            b'{"op": "allocate", "args": {}}\n',  # no spec
-            b"not json\n",
-            b"[1,2]\n",
-            b'{"op": "format-disk"}\n',
-            b'{"op": "allocate", "args": {"spec": {"owner": "vm"}}}\n',
-            b'{"op": "free", "args": {"slice": "1"}}\n',
+    client = SocketClient(daemon.state / "admin.sock")
+    try:
+        status = encode_request("STATUS", {}, tag=1)
+        header_only = status[:4]
+        vm_only = encode_request("ALLOCATE", {
+            "name": "", "cores": None, "memory": None, "lanes": None, "key": None,
+            "ports": 1, "request_id": None,
+            "qos": {"priority": 0, "guaranteed_mbps": 0, "maximum_mbps": 0},
+        }, tag=2)  # fmt: skip
+        unknown = Message(Category.REQUEST, 3, 0xC0FE, b"").encode()
+        short_payload = Message(Category.REQUEST, 4, BY_NAME["GET"].opcode, b"\x01").encode()
+        lying_length = bytearray(encode_request("GET", {"slice": 1}, tag=5))
+        lying_length[8] = 0xFF  # payload length register says more than was sent
+        for frame, code in (
+            (header_only, "malformed"),
+            (vm_only, "opcode_not_allowed"),
+            (unknown, "unsupported"),
+            (short_payload, "malformed"),
+            (bytes(lying_length), "malformed"),
+            (encode_request("GET", {"slice": 99}, tag=6), "not_found"),
         ):
-            f.write(raw)
-            f.flush()
-            answer = json.loads(f.readline())
-            assert answer["ok"] is False and answer["error"]["code"] == "invalid", answer
-        f.write(b'{"op": "status"}\n')
-        f.flush()
-        assert json.loads(f.readline())["ok"] is True  # still serving
+            r = decode_response(client.request(frame, timeout=30))
+            assert r.error is not None and r.error["code"] == code, (frame.hex(), r.error)
+        r = decode_response(client.request(status, timeout=30))
+        assert r.ok and r.payload is not None and r.payload["slices"] == 0  # still serving
+    finally:
+        client.close()
 
 
 def test_demo_runs(tmp_path: Path) -> None:
