@@ -19,7 +19,6 @@ Everything here is pure computation: no I/O, no clock, no state.
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import struct
 
@@ -32,6 +31,8 @@ MAX_SEQ = (1 << 64) - 1
 REQUEST_DOMAIN = b"SFAB1-REQ"
 RESPONSE_DOMAIN = b"SFAB1-RSP"
 
+_SEQ = struct.Struct("<Q")
+
 
 class EnvelopeError(ValueError):
     """A frame too short for its trailer, or a key or sequence number out of range."""
@@ -42,12 +43,10 @@ class BadTag(EnvelopeError):
 
 
 def _tag(key: bytes, domain: bytes, vm_id: str, seq: int, message: bytes) -> bytes:
-    mac = hmac.new(key, domain, hashlib.sha256)
-    mac.update(vm_id.encode())
-    mac.update(b"\x00")
-    mac.update(struct.pack("<Q", seq))
-    mac.update(message)
-    return mac.digest()
+    # hmac.digest is OpenSSL's one-shot HMAC: a fraction of the cost of an hmac.new object
+    # fed piece by piece, on the path of every request and response.
+    data = b"".join((domain, vm_id.encode(), b"\x00", _SEQ.pack(seq), message))
+    return hmac.digest(key, data, "sha256")
 
 
 def _check(key: bytes, seq: int) -> None:
@@ -60,7 +59,7 @@ def _check(key: bytes, seq: int) -> None:
 def seal(key: bytes, domain: bytes, vm_id: str, seq: int, message: bytes) -> bytes:
     """``message || seq || tag`` for ``domain`` (REQUEST_DOMAIN or RESPONSE_DOMAIN)."""
     _check(key, seq)
-    return message + struct.pack("<Q", seq) + _tag(key, domain, vm_id, seq, message)
+    return message + _SEQ.pack(seq) + _tag(key, domain, vm_id, seq, message)
 
 
 def split(frame: bytes) -> tuple[bytes, int, bytes]:
@@ -70,7 +69,7 @@ def split(frame: bytes) -> tuple[bytes, int, bytes]:
             f"frame: {len(frame)} bytes is shorter than the {TRAILER_BYTES}-byte trailer"
         )
     message = frame[:-TRAILER_BYTES]
-    (seq,) = struct.unpack_from("<Q", frame, len(frame) - TRAILER_BYTES)
+    (seq,) = _SEQ.unpack_from(frame, len(frame) - TRAILER_BYTES)
     return message, seq, frame[-TAG_BYTES:]
 
 

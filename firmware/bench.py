@@ -20,7 +20,7 @@ import random
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -315,17 +315,72 @@ def _vm_worker(vm: str, key_hex: str, mailbox: str, pairs: int, start: Any, out:
     out.put(time.perf_counter() - t0)
 
 
+@contextlib.contextmanager
+def _daemon(state_dir: str, *extra: str) -> Iterator[None]:
+    """``slicefab serve`` on ``state_dir`` in its own process, stopped on the way out."""
+    import subprocess
+    import sys
+
+    daemon = subprocess.Popen(
+        [sys.executable, "-m", "firmware.cli", "serve", "--state-dir", state_dir, *extra],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert daemon.stdout is not None
+        banner = daemon.stdout.readline()
+        if "serving" not in banner:
+            raise RuntimeError(
+                f"daemon did not start: {banner}{daemon.stderr.read() if daemon.stderr else ''}"
+            )
+        yield
+    finally:
+        daemon.terminate()
+        try:
+            daemon.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            daemon.kill()
+            daemon.wait()
+        for f in (daemon.stdout, daemon.stderr):
+            if f is not None:
+                f.close()
+
+
+def _pairs_per_s(creds: list[Any], pairs_per_vm: int) -> float:
+    """Allocate+free pairs per second from one VM process per credential."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    start, out = ctx.Event(), ctx.Queue()
+    workers = [
+        ctx.Process(
+            target=_vm_worker, args=(c.vm, c.key.hex(), c.mailbox, pairs_per_vm, start, out)
+        )
+        for c in creds
+    ]
+    for w in workers:
+        w.start()
+    time.sleep(1.0)  # let every worker map its mailbox before the clock starts
+    t0 = time.perf_counter()
+    start.set()
+    for w in workers:
+        w.join(timeout=600)
+    secs = time.perf_counter() - t0
+    if any(w.exitcode != 0 for w in workers):
+        raise RuntimeError("a VM worker failed")
+    return pairs_per_vm * len(creds) / secs
+
+
 def bench_mailbox(quick: bool) -> dict[str, Any]:
     """The firmware as it runs: ``slicefab serve`` in its own process; VMs in others.
 
     * authenticated no-op round trip over vm-0's shared-memory mailbox vs vm-1's Unix
       socket (``serve --vm-sockets``: the same pipeline), alternating blocks in one run;
-    * allocate+free pairs per second from 4 VM processes on their own mailboxes.
+    * allocate+free pairs per second from 4 VM processes on their own mailboxes, with the
+      daemon at each durability level (``--durability power``, the default: one fsync per
+      group commit; ``crash``: none), one after the other on the same state directory.
     """
-    import multiprocessing
-    import subprocess
-    import sys
-
     from firmware.mailboxes import default_mailbox, socket_path
     from hostlib.mailbox import MailboxClient
     from hostlib.socket_transport import SocketClient
@@ -342,19 +397,7 @@ def bench_mailbox(quick: bool) -> dict[str, Any]:
         finally:
             m.close()
             state.unlock()
-        daemon = subprocess.Popen(
-            [sys.executable, "-m", "firmware.cli", "serve", "--state-dir", tmp, "--vm-sockets"],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        try:
-            assert daemon.stdout is not None
-            banner = daemon.stdout.readline()
-            if "serving" not in banner:
-                raise RuntimeError(
-                    f"daemon did not start: {banner}{daemon.stderr.read() if daemon.stderr else ''}"
-                )
+        with _daemon(tmp, "--vm-sockets"):
             shm = _BenchVm("vm-0", creds[0].key, MailboxClient(Path(creds[0].mailbox)))
             sock = _BenchVm("vm-1", creds[1].key, SocketClient(socket_path(Path(creds[1].mailbox))))
             shm_lat: list[float] = []
@@ -369,30 +412,10 @@ def bench_mailbox(quick: bool) -> dict[str, Any]:
             sock.transport.close()
             shm_lat.sort()
             sock_lat.sort()
-
-            ctx = multiprocessing.get_context("spawn")
-            start, out = ctx.Event(), ctx.Queue()
-            workers = [
-                ctx.Process(
-                    target=_vm_worker, args=(c.vm, c.key.hex(), c.mailbox, pairs_per_vm, start, out)
-                )
-                for c in creds[2:] + creds[:2]
-            ]
-            for w in workers:
-                w.start()
-            time.sleep(1.0)  # let every worker map its mailbox before the clock starts
-            t0 = time.perf_counter()
-            start.set()
-            for w in workers:
-                w.join(timeout=600)
-            pair_secs = time.perf_counter() - t0
-            if any(w.exitcode != 0 for w in workers):
-                raise RuntimeError("a VM worker failed")
-        finally:
-            daemon.terminate()
-            daemon.wait(timeout=30)
+            power = _pairs_per_s(creds, pairs_per_vm)
+        with _daemon(tmp, "--durability", "crash"):
+            crash = _pairs_per_s(creds, pairs_per_vm)
     shm_p50, sock_p50 = _percentile(shm_lat, 0.5), _percentile(sock_lat, 0.5)
-    pairs = pairs_per_vm * len(creds)
     return {
         "noop_rtts_each": len(shm_lat),
         "shm_noop_rtt_p50_us": round(shm_p50, 1),
@@ -402,8 +425,10 @@ def bench_mailbox(quick: bool) -> dict[str, Any]:
         "ratio_shm_vs_socket_p50": round(shm_p50 / sock_p50, 2),
         "target_shm_rtt_p50_us_max": 50,
         "vm_processes": len(creds),
-        "alloc_free_pairs": pairs,
-        "alloc_free_pairs_per_s": round(pairs / pair_secs),
+        "alloc_free_pairs_each_run": pairs_per_vm * len(creds),
+        "alloc_free_pairs_per_s": round(power),
+        "alloc_free_pairs_per_s_durability_crash": round(crash),
+        "ratio_crash_vs_power": round(crash / power, 2),
         "target_pairs_per_s": 5_000,
     }
 

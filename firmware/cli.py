@@ -25,6 +25,7 @@ from rich.console import Console
 from firmware.admin import AdminClient, AdminServer, LocalClient
 from firmware.errors import SlicefabError
 from firmware.inventory import load_device
+from firmware.ledger import Durability
 from firmware.manager import StateDir, default_state_dir, open_manager
 from hostlib.transport import PeerClosed
 
@@ -93,7 +94,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from firmware.mailboxes import MailboxService
 
     state = StateDir(args.state_dir)
-    manager = open_manager(state, args.device)
+    manager = open_manager(state, args.device, durability=Durability(args.durability))
     api = Api(manager, manager.vms)
     try:
         server = AdminServer(state.socket, api)
@@ -113,7 +114,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     print(
         f"slicefab: serving device {manager.device.name} on {state.socket} "
         f"({n} slice{'s' if n != 1 else ''} recovered, fabric generation "
-        f"{manager.fabric.generation}, {len(mailboxes.channels())} VM mailboxes)",
+        f"{manager.fabric.generation}, {len(mailboxes.channels())} VM mailboxes, "
+        f"durability {args.durability})",
         flush=True,
     )
     try:
@@ -470,6 +472,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--vm-sockets",
         action="store_true",
         help="also serve each VM's API on a Unix socket beside its mailbox",
+    )
+    s.add_argument(
+        "--durability",
+        choices=[d.value for d in Durability],
+        default=Durability.POWER.value,
+        help="what an acknowledged operation survives: 'power' (fsync every group commit; "
+        "the default) or 'crash' (the firmware process being killed; no fsync per commit)",
     )
     s.set_defaults(func=cmd_serve)
 

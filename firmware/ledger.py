@@ -5,12 +5,26 @@ results of recent client requests (for idempotent retries), and metadata (schema
 the device fingerprint, the next slice id). On start the firmware reads it back, re-takes
 every unit and re-programs the fabric from it (:mod:`firmware.manager`).
 
-Durability: WAL journal with ``synchronous=FULL`` — a transaction is on disk (the WAL is
-fsync'ed) before :meth:`Ledger.write` returns, and only then does the firmware acknowledge.
+Durability (:class:`Durability`, chosen when the daemon starts):
 
-Group commit: concurrent callers hand their records to one writer thread, which applies
-everything queued in one transaction and one fsync, then wakes them all. Order is kept
-(FIFO), so a later operation never becomes durable before an earlier one it may depend on.
+* ``power`` (the default): WAL journal with ``synchronous=FULL`` — a transaction is on disk
+  (the WAL is fsync'ed) before :meth:`Ledger.write` returns, and only then does the firmware
+  acknowledge. An acknowledged operation survives a power loss.
+* ``crash``: WAL journal with ``synchronous=NORMAL`` — a transaction is in the WAL file (in
+  the kernel's page cache) before it is acknowledged, and the WAL is fsync'ed only at
+  checkpoints. An acknowledged operation survives the firmware process being killed at any
+  instant (the crash the firmware can recover from); a power loss or kernel crash may roll
+  back the last acknowledged transactions, and the database stays consistent either way.
+  It costs no fsync per group commit (see docs/benchmarks.md for what that is worth).
+
+Group commit: callers queue their records (:meth:`Ledger.submit`) and wait for them
+(:meth:`Ledger.wait`). Whoever finds no commit in progress becomes the leader: it takes
+everything queued, applies it in one transaction and one fsync, and wakes every caller whose
+records were in it; a caller that arrives during a commit waits for the next one. A writer
+thread commits what nobody waits for. The common single-caller case thus commits in the
+caller's own thread with no hand-off, and concurrent callers still share one fsync. Order is
+kept (FIFO: the queue is taken and committed under one lock), so a later operation never
+becomes durable before an earlier one it may depend on.
 If a write fails the ledger stops accepting writes (fail-stop): the in-memory state may now
 be ahead of the disk, and the only safe way on is a restart that recovers from the disk.
 """
@@ -18,8 +32,8 @@ be ahead of the disk, and the only safe way on is a restart that recovers from t
 from __future__ import annotations
 
 import contextlib
+import enum
 import json
-import queue
 import sqlite3
 import threading
 from collections.abc import Callable, Sequence
@@ -122,7 +136,16 @@ Record = (
 )
 
 
-_STOP = object()
+class Durability(enum.Enum):
+    """What an acknowledged ledger write survives (module docstring)."""
+
+    POWER = "power"
+    CRASH = "crash"
+
+    @property
+    def synchronous(self) -> str:
+        """SQLite's ``PRAGMA synchronous`` value for this level (in WAL mode)."""
+        return "FULL" if self is Durability.POWER else "NORMAL"
 
 
 class Ledger:
@@ -132,8 +155,15 @@ class Ledger:
     has an unknown schema, or a write fails (after which every write fails: fail-stop).
     """
 
-    def __init__(self, path: Path | str, device_fingerprint: str) -> None:
+    def __init__(
+        self,
+        path: Path | str,
+        device_fingerprint: str,
+        *,
+        durability: Durability = Durability.POWER,
+    ) -> None:
         self.path = Path(path)
+        self.durability = durability
         self.batches = 0  # transactions committed (for group-commit figures)
         self.records = 0
         self._failed: BaseException | None = None
@@ -141,11 +171,16 @@ class Ledger:
         #: called by the writer before each commit; what they return joins the transaction
         #: (the VM registry's request counters ride along with every commit this way)
         self.precommit: list[Callable[[], list[Record]]] = []
-        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        # the queue of (records, future), guarded by _work's lock; _commit_lock is held by
+        # whoever takes the queue and commits it (the leader or the writer thread)
+        self._queued: list[tuple[list[Record], Future[None]]] = []
+        self._work = threading.Condition(threading.Lock())
+        self._commit_lock = threading.Lock()
+        self._stopping = False
         try:
             self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
             self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute(f"PRAGMA synchronous={durability.synchronous}")
             self._db.executescript(_SCHEMA)
         except sqlite3.Error as e:
             raise LedgerError(f"cannot open ledger {self.path}: {e}", path=str(self.path)) from e
@@ -214,12 +249,19 @@ class Ledger:
         if self._closed:
             raise LedgerError(f"ledger {self.path} is closed")
         fut: Future[None] = Future()
-        self._queue.put((list(records), fut))
+        with self._work:
+            self._queued.append((list(records), fut))
+            self._work.notify()
         return fut
 
-    def write(self, records: Sequence[Record]) -> None:
-        """Write ``records`` atomically and durably; returns when they are on disk."""
-        fut = self.submit(records)
+    def wait(self, fut: Future[None]) -> None:
+        """Wait until a submitted write is durable, committing the queue in this thread if
+        no commit is in progress (the leader). Raises LedgerError if the write failed."""
+        if not fut.done() and self._commit_lock.acquire(blocking=False):
+            try:
+                self._commit_queued()
+            finally:
+                self._commit_lock.release()
         try:
             fut.result()
         except LedgerError:
@@ -227,25 +269,27 @@ class Ledger:
         except Exception as e:
             raise LedgerError(f"ledger write failed: {e}") from e
 
-    def _run(self) -> None:
-        while True:
-            item = self._queue.get()
-            if item is _STOP:
-                return
-            batch = [item]
-            stop = False
-            while len(batch) < 1024:
-                try:
-                    nxt = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if nxt is _STOP:
-                    stop = True
-                    break
-                batch.append(nxt)
+    def write(self, records: Sequence[Record]) -> None:
+        """Write ``records`` atomically and durably; returns when they are on disk."""
+        self.wait(self.submit(records))
+
+    def _commit_queued(self) -> None:
+        """Take the whole queue and commit it as one transaction (commit lock held)."""
+        with self._work:
+            batch, self._queued = self._queued, []
+        if batch:
             self._commit(batch)
-            if stop:
-                return
+
+    def _run(self) -> None:
+        """The writer thread: commits what was submitted and is not being waited for."""
+        while True:
+            with self._work:
+                while not self._queued and not self._stopping:
+                    self._work.wait()
+                if not self._queued:  # stopping, and nothing left
+                    return
+            with self._commit_lock:
+                self._commit_queued()
 
     def _commit(self, batch: list[tuple[list[Record], Future[None]]]) -> None:
         if self._failed is not None:
@@ -262,7 +306,7 @@ class Ledger:
             for records, _ in batch:
                 for r in records:
                     self._apply(r)
-            self._db.execute("COMMIT")  # synchronous=FULL: the WAL is fsync'ed here
+            self._db.execute("COMMIT")  # durability POWER: the WAL is fsync'ed here
         except BaseException as e:  # disk full, I/O error, corrupt file: stop writing
             self._failed = e
             with contextlib.suppress(sqlite3.Error):
@@ -323,6 +367,8 @@ class Ledger:
         """Finish queued writes and close the database."""
         self._closed = True
         if self._writer.is_alive():
-            self._queue.put(_STOP)
+            with self._work:
+                self._stopping = True
+                self._work.notify()
             self._writer.join()
         self._db.close()

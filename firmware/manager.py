@@ -47,6 +47,7 @@ from firmware.ledger import (
     REQUEST_RETENTION,
     DeleteRequest,
     DeleteSlice,
+    Durability,
     Ledger,
     PutRequest,
     PutSlice,
@@ -374,7 +375,12 @@ class ResourceManager:
             not isinstance(request_id, str) or not 0 < len(request_id) <= REQUEST_ID_MAX
         ):
             raise RequestError("request_id", f"expected a string of 1..{REQUEST_ID_MAX} characters")
-        digest = hashlib.sha256(json.dumps([op, params], sort_keys=True).encode()).hexdigest()
+        # the digest only matters to match a retry against the first execution of an id
+        digest = (
+            ""
+            if request_id is None
+            else hashlib.sha256(json.dumps([op, params], sort_keys=True).encode()).hexdigest()
+        )
         who = _ADMIN_SCOPE if caller is None else caller  # request ids are scoped by caller
         return _Request(who, request_id, digest)
 
@@ -430,7 +436,7 @@ class ResourceManager:
 
     def _await_durable(self, durable: Future[None]) -> None:
         try:
-            durable.result()
+            self.ledger.wait(durable)
         except Exception as e:
             self._fail(e)
             raise LedgerError(
@@ -575,14 +581,18 @@ def default_state_dir() -> Path:
 
 
 def open_manager(
-    state: StateDir, device_path: Path | str | None = None, fabric: FabricDriver | None = None
+    state: StateDir,
+    device_path: Path | str | None = None,
+    fabric: FabricDriver | None = None,
+    *,
+    durability: Durability = Durability.POWER,
 ) -> ResourceManager:
     """Lock ``state``, open its ledger, recover and program the fabric (the default
     backend is the behavioural crossbar model)."""
     device = load_device(device_path)
     state.lock()
     try:
-        ledger = Ledger(state.ledger, device.fingerprint())
+        ledger = Ledger(state.ledger, device.fingerprint(), durability=durability)
         try:
             return ResourceManager(device, ledger, fabric or FabricDriver.with_model(device))
         except BaseException:

@@ -78,7 +78,7 @@ class VmRegistry:
             durable = self.ledger.submit([PutVm(vm, cred.key, mailbox)])
             self._vms[vm] = cred
             self._seq[vm] = 0
-        durable.result()
+        self.ledger.wait(durable)
         return cred
 
     def remove(self, vm: str) -> None:
@@ -88,7 +88,7 @@ class VmRegistry:
             durable = self.ledger.submit([DeleteVm(vm)])
             del self._vms[vm]
             del self._seq[vm]
-        durable.result()
+        self.ledger.wait(durable)
 
     def get(self, vm: str) -> VmCredential:
         with self._lock:

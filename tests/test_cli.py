@@ -42,9 +42,9 @@ class Daemon:
         self.state = state
         self.proc: subprocess.Popen[str] | None = None
 
-    def start(self) -> str:
+    def start(self, *extra: str) -> str:
         self.proc = subprocess.Popen(
-            [*CLI, "serve", "--state-dir", str(self.state)],
+            [*CLI, "serve", "--state-dir", str(self.state), *extra],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -161,8 +161,12 @@ ALLOC_A = (
 )  # fmt: skip
 
 
-def test_sigkill_after_ack_then_restart_recovers_and_reprograms(daemon: Daemon) -> None:
-    daemon.start()
+@pytest.mark.parametrize("durability", ["power", "crash"])
+def test_sigkill_after_ack_then_restart_recovers_and_reprograms(
+    daemon: Daemon, durability: str
+) -> None:
+    """Both durability levels keep every acknowledged operation across a SIGKILL."""
+    assert f"durability {durability}" in daemon.start("--durability", durability)
     st = daemon.state
     a = run_json(*ALLOC_A, state=st)
     b = run_json("alloc", "--owner", "vm-b", "--memory", "2GiB", state=st)
@@ -292,6 +296,8 @@ def test_bench_mailbox_prints_named_figures() -> None:
         "socket_noop_rtt_p50_us",
         "ratio_shm_vs_socket_p50",
         "alloc_free_pairs_per_s",
+        "alloc_free_pairs_per_s_durability_crash",
+        "ratio_crash_vs_power",
     ):
         assert isinstance(figures[key], (int, float)) and figures[key] > 0, key
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from firmware.errors import LedgerError
-from firmware.ledger import DeleteSlice, Ledger, PutMeta, PutRequest, PutSlice
+from firmware.ledger import DeleteSlice, Durability, Ledger, PutMeta, PutRequest, PutSlice
 
 
 def test_writes_are_visible_to_a_second_connection(tmp_path: Path) -> None:
@@ -87,9 +87,21 @@ def test_failed_write_stops_the_ledger(tmp_path: Path) -> None:
 
 def test_commits_are_fsynced(tmp_path: Path) -> None:
     led = Ledger(tmp_path / "l.sqlite", "dev1")
+    assert led.durability is Durability.POWER  # the default
     assert led._db.execute("PRAGMA synchronous").fetchone() == (2,)  # FULL
     assert led._db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
     led.close()
+
+
+def test_crash_durability_skips_the_per_commit_fsync(tmp_path: Path) -> None:
+    led = Ledger(tmp_path / "l.sqlite", "dev1", durability=Durability.CRASH)
+    assert led._db.execute("PRAGMA synchronous").fetchone() == (1,)  # NORMAL
+    assert led._db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+    led.write([PutMeta("x", "1")])
+    led.close()
+    again = Ledger(tmp_path / "l.sqlite", "dev1")  # the level is not a property of the file
+    assert again.meta("x") == "1"
+    again.close()
 
 
 def test_schema_1_ledger_is_migrated(tmp_path: Path) -> None:

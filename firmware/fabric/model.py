@@ -32,6 +32,7 @@ a per-port staged configuration; inputs with no packet in flight adopt it at onc
 
 from __future__ import annotations
 
+import functools
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -204,6 +205,13 @@ class PortConfig:
         return self.burst << _TOKEN_SHIFT
 
 
+@functools.lru_cache(maxsize=1024)
+def _decode_shadow(values: tuple[int, ...]) -> PortConfig:
+    """:meth:`PortConfig.from_registers` of shadow values in ``_SHADOW`` order, cached: a
+    commit re-adopts every port, and a device has few distinct configurations at a time."""
+    return PortConfig.from_registers(dict(zip(_SHADOW, values, strict=True)))
+
+
 @dataclass(frozen=True)
 class _Frame:
     """A packet queued at an input (what the upstream AXI4-Stream master presents)."""
@@ -247,7 +255,7 @@ class _InputPort:
     def adopt(self) -> None:
         """Take the staged configuration into service (only at a packet boundary)."""
         assert self.staged is not None and self.transfer is None
-        self.active = PortConfig.from_registers(self.staged)
+        self.active = _decode_shadow(tuple(self.staged[o] for o in _SHADOW))
         self.active_gen = self.staged_gen
         self.staged = None
         # The bucket keeps its tokens; the next refill caps them at the new burst.
