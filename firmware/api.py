@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from abi import convert
-from abi.cci import HEADER_BYTES, MAX_PAYLOAD, Category, Message, check_header
+from abi.cci import HEADER_BYTES, MAX_PAYLOAD, Category, Message, check_header, unpack_raw
 from abi.commands import (
     BY_NAME,
     COMMANDS,
@@ -88,6 +88,29 @@ class Channel:
 
 
 Handler = Callable[["Api", Channel, Mapping[str, Any]], Mapping[str, Any]]
+
+
+#: commands that may wait for the ledger or the fabric (the others answer from memory)
+_MAY_BLOCK = frozenset(
+    BY_NAME[name].opcode
+    for name in (
+        "ALLOCATE", "ALLOCATE_FOR", "RESIZE", "FREE", "VM_ADD", "VM_REMOVE", "CHECK",
+        "SET_LD_ALLOCATIONS", "SET_QOS_CONTROL", "SET_QOS_ALLOCATED_BW", "SET_QOS_BW_LIMIT",
+        "INITIATE_DC_ADD", "INITIATE_DC_RELEASE",
+        # these read the crossbar's registers, which a simulated fabric answers slowly
+        "SLICE_TELEMETRY", "DEVICE_TELEMETRY", "GET_QOS_STATUS", "FABRIC",
+    )
+)  # fmt: skip
+
+
+def may_block(frame: bytes) -> bool:
+    """Whether the request in ``frame`` may wait for the ledger or the fabric, judged from
+    its opcode alone (unchecked: a frame that lies is answered with an error either way).
+    The mailbox poller answers the others itself and hands these to a worker thread."""
+    if len(frame) < HEADER_BYTES:
+        return False
+    raw = unpack_raw(frame)
+    return (raw.command_set << 8 | raw.command) in _MAY_BLOCK
 
 
 class Api:

@@ -410,7 +410,9 @@ class MailboxServer:
     layout: everything in the region is writable by the VM, so lengths and sequence numbers
     read from it are checked every time and the header is never read again.
 
-    One server, in one thread, per mailbox."""
+    Either one thread per mailbox calls :meth:`serve_once`, or one poller thread watches
+    many mailboxes with :meth:`poll` and has each request answered with :meth:`respond`
+    (from any thread) before it polls that mailbox again."""
 
     def __init__(
         self,
@@ -454,24 +456,67 @@ class MailboxServer:
             if got is None:
                 return False
             seq, frame = got
-            self._answered = seq
-            try:
-                response = handler(frame)
-            except BaseException:
-                r.rsp.publish(seq, b"", MailboxStatus.HANDLER_FAILED)
-                raise
-            if len(response) > self.capacity:
-                r.rsp.publish(seq, b"", MailboxStatus.RESPONSE_TOO_LARGE)
-                raise FrameTooLarge(
-                    f"response of {len(response)} bytes exceeds the mailbox capacity "
-                    f"{self.capacity}",
-                    length=len(response),
-                    capacity=self.capacity,
-                )
-            r.rsp.publish(seq, response, MailboxStatus.OK)
+            self._answer(seq, handler, frame)
             return True
         finally:
             r.leave()
+
+    def poll(self) -> tuple[int, bytes] | None:
+        """The new request ``(seq, frame)`` if one is waiting, else None; never blocks.
+        For a server that watches many mailboxes from one thread and answers each
+        request later with :meth:`respond` (possibly from another thread). Until then the
+        request stays pending and :meth:`poll` does not return it again.
+
+        Raises FrameTooLarge when the length register exceeds the capacity (answered
+        REQUEST_TOO_LARGE without being read); PeerClosed if the server was closed."""
+        r = self._r
+        if not r.try_enter():
+            return None  # another thread is answering here right now
+        try:
+            seq = r.req.seq()
+            if seq & 1 or seq == self._answered:
+                return None
+            try:
+                got = r.req.read()
+            except FrameTooLarge:
+                self._answered = seq
+                r.rsp.publish(seq, b"", MailboxStatus.REQUEST_TOO_LARGE)
+                raise
+            if got is None:
+                return None  # being written: poll again
+            self._answered = got[0]
+            return got[0], got[2]
+        finally:
+            r.leave()
+
+    def respond(self, seq: int, handler: Handler, frame: bytes) -> None:
+        """Answer request ``seq`` (from :meth:`poll`) with ``handler(frame)``. Raises as
+        :meth:`serve_once` does for the response, and PeerClosed if the server was closed
+        meanwhile (the answer is dropped: the client gets PeerClosed too)."""
+        r = self._r
+        r.enter(deadline_after(5.0))
+        try:
+            self._answer(seq, handler, frame)
+        finally:
+            r.leave()
+
+    def _answer(self, seq: int, handler: Handler, frame: bytes) -> None:
+        r = self._r
+        self._answered = seq
+        try:
+            response = handler(frame)
+        except BaseException:
+            r.rsp.publish(seq, b"", MailboxStatus.HANDLER_FAILED)
+            raise
+        if len(response) > self.capacity:
+            r.rsp.publish(seq, b"", MailboxStatus.RESPONSE_TOO_LARGE)
+            raise FrameTooLarge(
+                f"response of {len(response)} bytes exceeds the mailbox capacity "
+                f"{self.capacity}",
+                length=len(response),
+                capacity=self.capacity,
+            )
+        r.rsp.publish(seq, response, MailboxStatus.OK)
 
     def _wait_request(self, backoff: Backoff) -> tuple[int, bytes] | None:
         r = self._r

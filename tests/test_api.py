@@ -212,3 +212,48 @@ def test_every_command_has_a_handler(device_api: Any, state: StateDir) -> None:
             continue
         r = a.call(cmd.name, EXAMPLES[op][0])
         assert r.ok or r.error["code"] != "unsupported", (cmd.name, r.error)
+
+
+def test_a_vm_waiting_on_the_fabric_does_not_hold_up_the_others(
+    device_api: Any, state: StateDir, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One poller serves every mailbox: while vm-a's allocation is stuck in a fabric
+    reconfiguration (in a worker), vm-b's requests, and vm-b's own allocation, go through."""
+    import threading
+
+    rm, service = device_api
+    a = provision(rm, service, state, "vm-a")
+    b = provision(rm, service, state, "vm-b")
+    release, entered = threading.Event(), threading.Event()
+    real_sync = rm.fabric.sync
+
+    def slow_sync(demand: Any) -> int:
+        if any(d.owner == "vm-a" for d in demand) and not release.is_set():
+            entered.set()
+            assert release.wait(timeout=30)
+        return real_sync(demand)
+
+    monkeypatch.setattr(rm.fabric, "sync", slow_sync)
+    answers: list[Any] = []
+    t = threading.Thread(target=lambda: answers.append(a.call("ALLOCATE", ALLOC)))
+    t.start()
+    try:
+        assert entered.wait(timeout=30)
+        assert b.call("NOP", {"data": b"x"}).payload == {"data": b"x"}
+        assert b.call("LIST", {"start_id": 0}).payload["total"] == 0
+    finally:
+        release.set()
+        t.join(timeout=30)
+    assert answers and answers[0].ok
+    assert b.call("ALLOCATE", ALLOC).ok
+    assert rm.check_invariants() == []
+
+
+def test_may_block_is_judged_from_the_opcode() -> None:
+    from firmware.api import may_block
+
+    msg = encode_request("ALLOCATE", ALLOC)
+    assert may_block(msg) and may_block(msg + bytes(40))
+    assert not may_block(encode_request("NOP", {"data": b""}))
+    assert not may_block(encode_request("GET", {"slice": 1}))
+    assert not may_block(b"\x00\x01")  # too short to have an opcode: answered inline

@@ -721,3 +721,41 @@ def test_async_timeout_and_oversize(mbox: Path) -> None:
 
     with MailboxClient(mbox) as c:
         asyncio.run(main(c))
+
+
+def test_poll_and_respond_split_a_request_across_threads(mbox: Path) -> None:
+    """The one-poller server: poll() takes a request without blocking and never returns it
+    twice; respond() answers it later, from another thread; an oversize length is refused
+    by poll() before anything is copied."""
+    server = MailboxServer(mbox)
+    client = MailboxClient(mbox)
+    try:
+        assert server.poll() is None  # nothing yet
+        answers: list[bytes] = []
+        t = threading.Thread(target=lambda: answers.append(client.request(b"ping", timeout=10)))
+        t.start()
+        deadline = time.monotonic() + 10
+        got = None
+        while got is None and time.monotonic() < deadline:
+            got = server.poll()
+        assert got is not None
+        seq, frame = got
+        assert frame == b"ping"
+        assert server.poll() is None  # pending, not handed out again
+        worker = threading.Thread(target=server.respond, args=(seq, transform, frame))
+        worker.start()
+        worker.join(timeout=10)
+        t.join(timeout=10)
+        assert answers == [transform(b"ping")]
+        with raw(mbox) as m:
+            U32.pack_into(m, mb.REG_REQ_LEN, server.capacity + 1)
+            U64.pack_into(m, mb.REG_REQ_SEQ, reg64(m, mb.REG_REQ_SEQ) + 2)
+            with pytest.raises(FrameTooLarge):
+                server.poll()
+            assert reg32(m, mb.REG_RSP_STATUS) == MailboxStatus.REQUEST_TOO_LARGE
+            assert server.poll() is None  # refused once
+    finally:
+        client.close()
+        server.close()
+    with pytest.raises(PeerClosed):
+        server.poll()
