@@ -26,6 +26,7 @@ from abi import convert
 from abi.commands import Role, decode_response, encode_request
 from abi.errors import AbiError, EncodeError
 from abi.layout import Payload
+from firmware import failpoints
 from firmware.api import Api, Channel
 from firmware.errors import ConfigError, RequestError, SlicefabError
 from firmware.manager import ResourceManager, StateDir
@@ -70,7 +71,10 @@ class AdminServer:
         # over SCM_RIGHTS, or the mode loosened by hand) is still not the administrator.
         if peer.uid not in (0, os.geteuid()):
             raise TransportError(f"admin socket: refused uid {peer.uid}")
-        return self.api.handle_admin_frame(self.channel, frame)
+        response = self.api.handle_admin_frame(self.channel, frame)
+        if failpoints.armed:
+            failpoints.hit("reply.before_send")
+        return response
 
     def start(self) -> None:
         self._server.start()

@@ -27,7 +27,7 @@ from firmware.errors import SlicefabError
 from firmware.inventory import load_device
 from firmware.ledger import Durability
 from firmware.manager import StateDir, default_state_dir, open_manager
-from hostlib.transport import PeerClosed
+from hostlib.transport import PeerClosed, TransportError
 
 console = Console()
 err_console = Console(stderr=True)
@@ -596,6 +596,15 @@ def main(argv: list[str] | None = None) -> int:
             emit_json({"error": e.to_dict()})
         err_console.print(f"slicefab: error: {e.message}", markup=False, highlight=False)
         return 1
+    except TransportError as e:  # the daemon went away mid-request: the outcome is unknown
+        message = (
+            f"lost the daemon ({e}); the request may or may not have been applied: "
+            "retry it with the same --request-id once the daemon is back"
+        )
+        if getattr(args, "json", False):
+            emit_json({"error": {"code": "unavailable", "message": message, "details": {}}})
+        err_console.print(f"slicefab: error: {message}", markup=False, highlight=False)
+        return 4
 
 
 if __name__ == "__main__":

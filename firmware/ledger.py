@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from firmware import failpoints
 from firmware.errors import LedgerError
 
 SCHEMA_VERSION = 2  # 2: the vms table (VM credentials and request counters)
@@ -299,6 +300,8 @@ class Ledger:
                 )
             return
         try:
+            if failpoints.armed:
+                failpoints.hit("ledger.before_write", LedgerError)
             self._db.execute("BEGIN IMMEDIATE")
             for hook in self.precommit:
                 for r in hook():
@@ -306,7 +309,11 @@ class Ledger:
             for records, _ in batch:
                 for r in records:
                     self._apply(r)
+            if failpoints.armed:
+                failpoints.hit("ledger.before_commit", LedgerError)
             self._db.execute("COMMIT")  # durability POWER: the WAL is fsync'ed here
+            if failpoints.armed:
+                failpoints.hit("ledger.after_commit", LedgerError)
         except BaseException as e:  # disk full, I/O error, corrupt file: stop writing
             self._failed = e
             with contextlib.suppress(sqlite3.Error):

@@ -25,6 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from abi.commands import Role
+from firmware import failpoints
 from firmware.api import Api, Channel, may_block
 from hostlib.mailbox import MailboxServer, create_mailbox
 from hostlib.socket_transport import SocketServer
@@ -148,8 +149,17 @@ class MailboxService:
 
     def _answer(self, served: _Served, seq: int, frame: bytes) -> None:
         api, channel = self.api, served.channel
+
+        def handle(f: bytes) -> bytes:
+            response = api.handle_vm_frame(channel, f)
+            if failpoints.armed:
+                failpoints.hit("reply.before_send")
+            return response
+
         try:
-            served.server.respond(seq, lambda f: api.handle_vm_frame(channel, f), frame)
+            served.server.respond(seq, handle, frame)
+            if failpoints.armed:
+                failpoints.hit("reply.after_send")
         except FrameTooLarge:
             log.warning("mailbox of %s: response too large for the mailbox", served.vm)
         except PeerClosed:

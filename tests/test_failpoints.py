@@ -1,0 +1,132 @@
+"""Failpoints: parsing and firing in-process, and a daemon killed at each ledger failpoint
+in the middle of an allocation recovers to a state that is exactly "applied" or "not"."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from firmware import failpoints
+from firmware.errors import ConfigError, FabricError, LedgerError
+from firmware.ledger import Ledger, PutMeta
+
+CLI = [sys.executable, "-m", "firmware.cli"]
+
+
+@pytest.fixture(autouse=True)
+def _disarmed() -> Iterator[None]:
+    failpoints.disarm()
+    yield
+    failpoints.disarm()
+
+
+@pytest.mark.parametrize(
+    "spec",
+    ["ledger.after_comit=crash", "ledger.after_commit", "ledger.after_commit=explode",
+     "ledger.after_commit=crash@0", "ledger.after_commit=crash@x"],
+)  # fmt: skip
+def test_bad_specs_are_refused_with_the_names(spec: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        failpoints.arm(spec)
+    assert spec.split("=")[0] in e.value.message or "failpoint" in e.value.message
+    assert not failpoints.armed
+
+
+def test_an_error_fires_on_the_nth_hit_as_the_steps_own_error_then_disarms() -> None:
+    failpoints.arm("fabric.after_writes=error@3, reply.before_send=error")
+    assert failpoints.armed
+    failpoints.hit("fabric.after_writes", FabricError)
+    failpoints.hit("fabric.after_writes", FabricError)
+    failpoints.hit("ledger.after_commit")  # not armed: nothing
+    with pytest.raises(FabricError, match=r"fabric\.after_writes"):
+        failpoints.hit("fabric.after_writes", FabricError)
+    failpoints.hit("fabric.after_writes", FabricError)  # disarmed after firing
+    with pytest.raises(failpoints.FailpointError):
+        failpoints.hit("reply.before_send")
+    assert not failpoints.armed
+
+
+def test_a_ledger_error_failpoint_is_a_failed_write_and_fail_stop(tmp_path: Path) -> None:
+    led = Ledger(tmp_path / "l.sqlite", "dev")
+    failpoints.arm("ledger.before_commit=error")
+    with pytest.raises(LedgerError):
+        led.write([PutMeta("x", "1")])
+    with pytest.raises(LedgerError):  # fail-stop: nothing more is written
+        led.write([PutMeta("y", "1")])
+    led.close()
+    again = Ledger(tmp_path / "l.sqlite", "dev")
+    assert again.meta("x") is None and again.meta("y") is None
+    again.close()
+
+
+def _cli(state: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*CLI, *args, "--state-dir", str(state), "--json"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+
+
+def _serve(state: Path, failpoint: str | None) -> subprocess.Popen[str]:
+    env = dict(os.environ)
+    env.pop(failpoints.ENV, None)
+    if failpoint:
+        env[failpoints.ENV] = failpoint
+    proc = subprocess.Popen(
+        [*CLI, "serve", "--state-dir", str(state)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    if "serving" not in proc.stdout.readline():
+        proc.kill()
+        proc.wait()
+        raise AssertionError("daemon did not start")
+    return proc
+
+
+def _stop(proc: subprocess.Popen[str]) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        proc.wait(timeout=30)
+    for f in (proc.stdout, proc.stderr):
+        if f is not None:
+            f.close()
+
+
+ALLOC = ("alloc", "--owner", "vm-a", "--memory", "64MiB", "--cores", "2", "--request-id", "r1")
+
+
+@pytest.mark.parametrize(
+    ("point", "applied"),
+    [("ledger.before_write", False), ("ledger.before_commit", False),
+     ("ledger.after_commit", True), ("reply.before_send", True)],
+)  # fmt: skip
+def test_a_daemon_killed_mid_allocation_recovers_all_or_nothing(
+    tmp_path: Path, point: str, applied: bool
+) -> None:
+    state = tmp_path / "state"
+    daemon = _serve(state, f"{point}=crash")
+    try:
+        lost = _cli(state, *ALLOC)
+        assert lost.returncode == 4, lost.stderr  # the daemon died before answering
+        assert daemon.wait(timeout=30) == -9
+    finally:
+        _stop(daemon)
+    daemon = _serve(state, None)
+    try:
+        slices = json.loads(_cli(state, "slices", "list").stdout)
+        assert len(slices) == (1 if applied else 0)
+        assert json.loads(_cli(state, "check").stdout) == {"violations": []}
+        retry = _cli(state, *ALLOC)  # the client retries with the same request id
+        assert retry.returncode == 0, retry.stderr
+        again = json.loads(_cli(state, "slices", "list").stdout)
+        assert len(again) == 1  # applied exactly once
+        if applied:
+            assert again[0]["alloc"] == slices[0]["alloc"]
+    finally:
+        _stop(daemon)
