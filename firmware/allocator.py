@@ -14,7 +14,10 @@ reach which output port) can isolate VMs from one another. Bandwidth QoS applies
 crossbar port of a slice: the guaranteed bandwidth of all slices on a port never exceeds
 its capacity (admission control); the maximum is enforced by the port's token bucket.
 
-This is the reference implementation; a C fast path (cffi_ext) must give identical results.
+The unit searches (free cores, aligned lane groups, free memory extents) run in C
+(:mod:`firmware.resources.fast`) unless ``SLICEFAB_FASTPATH=0`` selects the Python
+references of :mod:`firmware.resources`; the two give identical results
+(``tests/test_fastpath_alloc.py``). The policy and bookkeeping here are shared.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 
+from firmware import fastpath
 from firmware.errors import (
     InsufficientResources,
     NotFound,
@@ -86,12 +90,31 @@ class Allocator:
 
     def __init__(self, device: Device) -> None:
         self.device = device
-        self.cores = CoreAllocator(device.cluster_sizes)
-        self.memory = ExtentAllocator(device.granules)
-        self.lanes = LaneAllocator(device.port_lanes)
+        self.fastpath = fastpath.enabled()
+        self.cores: CoreAllocator
+        self.memory: ExtentAllocator
+        self.lanes: LaneAllocator
+        if self.fastpath:
+            from firmware.resources.fast import CCoreAllocator, CExtentAllocator, CLaneAllocator
+
+            self.cores = CCoreAllocator(device.cluster_sizes)
+            self.memory = CExtentAllocator(device.granules)
+            self.lanes = CLaneAllocator(device.port_lanes)
+        else:
+            self.cores = CoreAllocator(device.cluster_sizes)
+            self.memory = ExtentAllocator(device.granules)
+            self.lanes = LaneAllocator(device.port_lanes)
+        # device figures read on every request (Device computes them on each access)
+        self._n_cores = device.cores
+        self._endpoint_lanes = device.endpoint_lanes
+        self._port_mbps = device.crossbar.port_mbps
         self.key_owner: list[str | None] = [None] * device.keys
         self.key_users: list[int] = [0] * device.keys
         self.ports = [PortState() for _ in range(device.crossbar.ports)]
+        # VM -> the ports it holds (PortState.owner), so that picking a VM's ports does not
+        # scan every port; check_invariants() recomputes it from self.ports
+        self._vm_ports: dict[str, set[int]] = {}
+        self._free_ports: set[int] = set(range(device.crossbar.ports))  # held by no VM
         self.slices: dict[int, Slice] = {}
         self._withdrawn: set[int] = set()  # RELEASING slices already out of the port totals
         self.next_id = 1
@@ -101,20 +124,21 @@ class Allocator:
     def validate(self, spec: SliceSpec) -> None:
         """Check ``spec`` against the device. Raises :class:`RequestError` naming the field."""
         dev = self.device
+        n_cores = self._n_cores
         if spec.cores is not None:
-            if spec.cores.count > dev.cores:
+            if spec.cores.count > n_cores:
                 raise RequestError(
                     "cores.count",
-                    f"{spec.cores.count} exceeds the device's {dev.cores} cores",
-                    limit=dev.cores,
+                    f"{spec.cores.count} exceeds the device's {n_cores} cores",
+                    limit=n_cores,
                 )
             if spec.cores.ids is not None:
-                bad = [i for i in spec.cores.ids if not 0 <= i < dev.cores]
+                bad = [i for i in spec.cores.ids if not 0 <= i < n_cores]
                 if bad:
                     raise RequestError(
                         "cores.ids",
-                        f"no such core(s) {bad}; cores are 0..{dev.cores - 1}",
-                        limit=dev.cores - 1,
+                        f"no such core(s) {bad}; cores are 0..{n_cores - 1}",
+                        limit=n_cores - 1,
                     )
                 if (
                     spec.cores.same_cluster
@@ -184,7 +208,9 @@ class Allocator:
             )
 
     def _check_qos(self, qos: QoS) -> None:
-        cap = self.device.crossbar.port_mbps
+        cap = self._port_mbps
+        if qos.guaranteed_mbps <= cap and qos.max_mbps <= cap:
+            return
         for name, value in (("qos.guaranteed", qos.guaranteed_mbps), ("qos.maximum", qos.max_mbps)):
             if value > cap:
                 raise RequestError(
@@ -204,29 +230,32 @@ class Allocator:
             ResourceConflict: a named unit (core id, endpoint lanes, key) is held by another.
         """
         self.validate(spec)
-        undo: list[Callable[[], None]] = []
+        # what has been taken so far, given back in reverse order if a later step fails
+        key: int | None = None
+        ports: tuple[int, ...] | None = None
+        cores: tuple[int, ...] = ()
+        extents: tuple[Extent, ...] = ()
         try:
             key = self._take_key(spec.owner, spec.key)
-            undo.append(lambda: self._give_key(key))
             ports = self._take_ports(spec.owner, spec.ports, spec.qos, key)
-            undo.append(lambda: self._give_ports(ports, spec.qos, key))
-            cores: tuple[int, ...] = ()
             if spec.cores is not None:
                 cores = self._take_cores(spec.cores)
-                undo.append(lambda: self.cores.release(cores))
-            extents: tuple[Extent, ...] = ()
             if spec.memory is not None:
                 extents = self._take_memory(spec.memory)
-                undo.append(lambda: self.memory.release(extents))
             lanes = self._take_lanes(spec) if spec.lanes is not None else None
         except Exception:
-            for step in reversed(undo):
-                step()
+            self.memory.release(extents)
+            self.cores.release(cores)
+            if ports is not None:
+                assert key is not None
+                self._give_ports(ports, spec.qos, key)
+            if key is not None:
+                self._give_key(key)
             raise
         sid = self.next_id
         self.next_id += 1
-        s = Slice(sid, spec, Allocation(cores, extents, lanes, key, ports))
-        s.transition(SliceState.RESERVED)
+        # born RESERVED: REQUESTED -> RESERVED is always legal (slices.check_transition)
+        s = Slice(sid, spec, Allocation(cores, extents, lanes, key, ports), SliceState.RESERVED)
         self.slices[sid] = s
         return s
 
@@ -302,7 +331,7 @@ class Allocator:
     def release(self, slice_id: int) -> Slice:
         """Give back every unit of a slice and forget it; the slice ends ``FREED``.
         (The manager withdraws it and re-programs the fabric first.)"""
-        s = self.get(slice_id)
+        s = self.slices.get(slice_id) or self.get(slice_id)
         if s.state is not SliceState.RELEASING:
             s.transition(SliceState.RELEASING)
         a = s.alloc
@@ -312,7 +341,7 @@ class Allocator:
                 st = self.ports[p]
                 st.quarantined -= 1
                 if st.quarantined == 0 and st.slices == 0:
-                    self.ports[p] = PortState()
+                    self._free_port(p)
         else:
             self._give_ports(a.ports, s.spec.qos, a.key)
         self.cores.release(a.cores)
@@ -457,7 +486,7 @@ class Allocator:
             undo.append(lambda: self.memory.release([Extent(last.end, grow)]))
             return tuple(sorted(e for e in (*held, bigger) if e != last)), ()
         if req.contiguous:
-            after = next((e.length for e in self.memory.free_extents() if e.start == last.end), 0)
+            after = self.memory.free_run_at(last.end)
             raise InsufficientResources(
                 "memory",
                 grow,
@@ -509,7 +538,7 @@ class Allocator:
         assert spec.lanes is not None
         if spec.lanes.first is not None:
             group = self._lane_group(spec.lanes.first, spec.lanes.width)
-            taken = [lane for lane in group.lanes if lane in self.device.endpoint_lanes]
+            taken = [lane for lane in group.lanes if lane in self._endpoint_lanes]
             if taken:
                 raise ResourceConflict(
                     f"lanes {taken} are wired to an endpoint; pin the endpoint instead",
@@ -529,15 +558,18 @@ class Allocator:
                 )
             self.lanes.allocate_exact(group)
             return group
-        return self.lanes.allocate(spec.lanes.width, exclude=self.device.endpoint_lanes)
+        return self.lanes.allocate(spec.lanes.width, exclude=self._endpoint_lanes)
 
     def _take_key(self, owner: str, wanted: int | None) -> int:
         if wanted is None:
-            mine = [k for k, o in enumerate(self.key_owner) if o == owner]
-            free = [k for k, o in enumerate(self.key_owner) if o is None]
-            if not mine and not free:
+            # the VM's own key (lowest), else the lowest free one; list.index scans in C
+            owners = self.key_owner
+            if owner in owners:
+                wanted = owners.index(owner)
+            elif None in owners:
+                wanted = owners.index(None)
+            else:
                 raise InsufficientResources("protection keys", 1, 0, "keys")
-            wanted = mine[0] if mine else free[0]
         self._claim_key(owner, wanted)
         return wanted
 
@@ -559,20 +591,25 @@ class Allocator:
         being released on it) is neither: it waits for its release."""
         if count == 0:
             return ()
-        cap = self.device.crossbar.port_mbps
-        guaranteed = qos.guaranteed_mbps
-        mine = sorted(
-            (p.slices, i)
-            for i, p in enumerate(self.ports)
-            if p.owner == owner and p.slices and p.guaranteed_mbps + guaranteed <= cap
-        )
-        free = [i for i, p in enumerate(self.ports) if p.owner is None]
-        picked = [i for _, i in mine][:count]
-        picked += free[: count - len(picked)]
+        room = self._port_mbps - qos.guaranteed_mbps
+        ports = self.ports
+        mine: list[tuple[int, int]] = []
+        for i in self._vm_ports.get(owner, ()):
+            st = ports[i]
+            if st.slices and st.guaranteed_mbps <= room:
+                mine.append((st.slices, i))
+        if len(mine) > 1:
+            mine.sort()
+        picked = [i for _, i in mine[:count]]
+        need = count - len(picked)
+        if need == 1 and self._free_ports:  # free ports, lowest index first
+            picked.append(min(self._free_ports))
+        elif need > 0:
+            picked += sorted(self._free_ports)[:need]
         if len(picked) < count:
             what = "crossbar ports"
-            if guaranteed:
-                what += f" (with {format_bandwidth(guaranteed)} of guaranteed headroom)"
+            if qos.guaranteed_mbps:
+                what += f" (with {format_bandwidth(qos.guaranteed_mbps)} of guaranteed headroom)"
             raise InsufficientResources(what, count, len(picked), "ports")
         chosen = tuple(sorted(picked))
         self._claim_ports(owner, chosen, qos, key)
@@ -601,6 +638,9 @@ class Allocator:
         limit = qos.max_mbps or self.device.crossbar.port_mbps
         for p in ports:
             st = self.ports[p]
+            if st.owner is None:
+                self._vm_ports.setdefault(owner, set()).add(p)
+                self._free_ports.discard(p)
             st.owner = owner
             st.slices += 1
             st.cached = None
@@ -623,7 +663,7 @@ class Allocator:
                 st.quarantined += 1
             if st.slices == 0:
                 if st.quarantined == 0:
-                    self.ports[p] = PortState()
+                    self._free_port(p)
                 else:
                     self.ports[p] = PortState(owner=st.owner, quarantined=st.quarantined)
                 continue
@@ -633,6 +673,17 @@ class Allocator:
             st.keys[key] -= 1
             if not st.keys[key]:
                 del st.keys[key]
+
+    def _free_port(self, p: int) -> None:
+        """Port ``p`` carries nothing and holds no quarantine: nobody holds it any more."""
+        owner = self.ports[p].owner
+        self.ports[p] = PortState()
+        self._free_ports.add(p)
+        if owner is not None and owner in self._vm_ports:
+            held = self._vm_ports[owner]
+            held.discard(p)
+            if not held:
+                del self._vm_ports[owner]
 
     def port_demand(self) -> list[PortDemand]:
         """What every crossbar port must carry now: the input of the fabric image."""
@@ -723,11 +774,19 @@ class Allocator:
                 bad.append(
                     f"port {i}: {p.quarantined} quarantined, {withdrawn_here} withdrawn slices"
                 )
+            if p.owner is not None and i not in self._vm_ports.get(p.owner, ()):
+                bad.append(f"port {i}: held by {p.owner} but missing from its port index")
+            if (p.owner is None) != (i in self._free_ports):
+                bad.append(f"port {i}: held by {p.owner} but the free-port index disagrees")
             vms_here = port_holders.get(i, set())
             if p.owner is not None and p.owner not in vms_here:
                 bad.append(f"port {i} held by {p.owner} with no slice of it on the port")
             if vms_here and p.owner is None:
                 bad.append(f"port {i} is free but slices of {sorted(vms_here)} are on it")
+        for vm, indexed in self._vm_ports.items():
+            stray = sorted(i for i in indexed if self.ports[i].owner != vm)
+            if stray or not indexed:
+                bad.append(f"port index: {vm} listed on ports {stray or '(none)'} it does not hold")
         for k in range(dev.keys):
             users = sum(1 for s in live if s.alloc.key == k)
             if users != self.key_users[k] or (users == 0) != (self.key_owner[k] is None):

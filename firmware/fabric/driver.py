@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from abi import regmap as rm
+from firmware import fastpath
 from firmware.errors import FabricError
 from firmware.fabric import image as img
 from firmware.fabric.bus import RegisterBus
@@ -53,8 +54,9 @@ class FabricDriver:
             rm.GEN_OFFSET, rm.GEN_COMMITTED_MASK, rm.GEN_COMMITTED_LSB
         )
         self.image = self.read_image()
-        # the configuration last programmed per port (None: not yet, compare registers)
-        self._configs: Sequence[img.PortConfig | None] = [None] * device.crossbar.ports
+        # plans the minimal write list: C fast path unless SLICEFAB_FASTPATH=0
+        self._planner = fastpath.image_planner(device)
+        self._planner.load(self.image)
 
     @classmethod
     def with_model(cls, device: Device) -> FabricDriver:
@@ -113,18 +115,9 @@ class FabricDriver:
         """Program the image implied by the per-port ``demand``; returns the number of
         register writes (0 when nothing changed: no commit is issued then).
 
-        Only ports whose configuration changed since the last sync are re-encoded and
-        compared with the crossbar's image, so a reconfiguration costs O(changed ports)."""
-        configs = img.port_configs(self.device, demand)
-        writes: list[tuple[int, int]] = []
-        for p, cfg in enumerate(configs):
-            if cfg == self._configs[p]:
-                continue
-            base = rm.port_reg(p, 0)
-            for off, value in img.port_register_values(cfg):
-                if self.image.get(base + off) != value:
-                    writes.append((base + off, value))
-        writes.sort()
+        The planner (:mod:`firmware.fastpath`) compares the new image with the one the
+        crossbar holds and returns only the registers that differ, in address order."""
+        writes = self._planner.plan(demand)
         if writes:
             try:
                 for addr, value in writes:
@@ -138,7 +131,7 @@ class FabricDriver:
             self.image.update(writes)
             self.syncs += 1
             self.writes += len(writes) + 1
-        self._configs = configs
+        self._planner.applied()
         self.last_writes = len(writes) + 1 if writes else 0
         return self.last_writes
 
@@ -147,13 +140,13 @@ class FabricDriver:
         and new values, which the next commit would put into service: forget what we
         believe was programmed and read the registers back, so the next sync compares
         against what the crossbar really holds and overwrites every stale value."""
-        self._configs = [None] * self.device.crossbar.ports
         try:
             self.image = self.read_image()
             gen = self.bus.read(rm.GEN_OFFSET)
             self.generation = (gen & rm.GEN_COMMITTED_MASK) >> rm.GEN_COMMITTED_LSB
         except Exception:
             self.image = {}  # unreadable: the next sync writes every register
+        self._planner.load(self.image)
 
     def _wait_adopted(self) -> None:
         for _ in range(ADOPT_POLLS):

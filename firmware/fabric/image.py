@@ -13,9 +13,10 @@ The crossbar enforces the slices (register semantics: docs/abi/registers.md):
   that rate, at least two flits, at most the 24-bit field.
 * **Key table** — the protection keys of the slices on the port.
 
-All arithmetic is on integers so that the C fast path (cffi_ext, a later issue) can give
-bit-identical images. The write list is the registers whose value differs, in address
-order; the driver ends it with ``CTRL.commit``.
+All arithmetic is on integers so that the C fast path (``cffi_ext/src/xbar_image.c``,
+reached through :mod:`firmware.fastpath`) gives bit-identical images; the differential
+tests (``tests/test_fastpath_image.py``) hold the two to that. The write list is the
+registers whose value differs, in address order; the driver ends it with ``CTRL.commit``.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from abi import regmap as rm
+from firmware.errors import FabricError
 from firmware.inventory import Crossbar, Device
 from firmware.slices import Slice
 
@@ -168,3 +170,68 @@ def permission_of(image: Mapping[int, int], port: int) -> int:
     lo = image.get(rm.port_reg(port, rm.PORT_PERM_LO_OFFSET), 0)
     hi = image.get(rm.port_reg(port, rm.PORT_PERM_HI_OFFSET), 0)
     return lo | hi << 32
+
+
+class ImagePlanner:
+    """Plans reconfigurations: the minimal write list from what the crossbar holds to what
+    the demand implies (the Python reference; :class:`firmware.fastpath.CImagePlanner` is
+    its C twin, which the driver uses unless ``SLICEFAB_FASTPATH=0``).
+
+    It remembers each port's last applied configuration and re-encodes only the ports whose
+    configuration changed, so a plan costs O(changed ports) register comparisons.
+
+    Protocol (the driver's): :meth:`load` what the crossbar holds; :meth:`plan`; write the
+    list and commit; :meth:`applied` once the crossbar has it (or :meth:`load` again after a
+    failure).
+    """
+
+    def __init__(self, device: Device) -> None:
+        self.device = device
+        self._image: dict[int, int] = {}
+        self._configs: Sequence[PortConfig | None] = [None] * device.crossbar.ports
+        self._planned: tuple[list[PortConfig], list[tuple[int, int]]] | None = None
+
+    def load(self, image: Mapping[int, int]) -> None:
+        """What the crossbar holds now (registers missing from ``image`` are unknown, so
+        the next plan writes them)."""
+        self._image = dict(image)
+        self._configs = [None] * self.device.crossbar.ports
+        self._planned = None
+
+    def plan(self, demand: Sequence[PortDemand]) -> list[tuple[int, int]]:
+        """The registers whose value differs, in address order (no commit).
+
+        Raises :class:`FabricError` if ``demand`` does not have one entry per port."""
+        n = self.device.crossbar.ports
+        if len(demand) != n:
+            raise FabricError(
+                f"demand for {len(demand)} ports, the crossbar has {n}",
+                field="demand",
+                value=len(demand),
+                expected=n,
+            )
+        configs = port_configs(self.device, demand)
+        writes: list[tuple[int, int]] = []
+        for p, cfg in enumerate(configs):
+            if cfg == self._configs[p]:
+                continue
+            base = rm.port_reg(p, 0)
+            for off, value in port_register_values(cfg):
+                if self._image.get(base + off) != value:
+                    writes.append((base + off, value))
+        writes.sort()
+        self._planned = (configs, writes)
+        return writes
+
+    def applied(self) -> None:
+        """The last plan's writes are on the crossbar: it now holds the planned image."""
+        if self._planned is None:
+            return
+        configs, writes = self._planned
+        self._image.update(writes)
+        self._configs = configs
+        self._planned = None
+
+    def target(self, demand: Sequence[PortDemand]) -> dict[int, int]:
+        """The full register image ``demand`` implies (address -> value)."""
+        return register_image(port_configs(self.device, demand))

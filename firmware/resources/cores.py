@@ -138,6 +138,20 @@ class CoreAllocator:
                 free cores in one cluster (``same_cluster``; the message names the
                 same-cluster constraint), or the free total (pack).
         """
+        self._check_allocate(count, same_cluster, cluster)
+        if cluster is not None:
+            if len(self._free[cluster]) < count:
+                raise self._no_cores(count, same_cluster, cluster)
+            return self._take_lowest(cluster, count)
+        best = self._best_fit_cluster(count)
+        if best is not None:
+            return self._take_lowest(best, count)
+        if same_cluster or self._free_total < count:
+            raise self._no_cores(count, same_cluster, None)
+        return self._spill(count)
+
+    def _check_allocate(self, count: int, same_cluster: bool, cluster: int | None) -> None:
+        """The state-independent checks of :meth:`allocate` (shared with the C fast path)."""
         if cluster is not None:
             self._check_cluster(cluster)
         if not _is_int(count) or count < 1:
@@ -146,44 +160,44 @@ class CoreAllocator:
             )
         if cluster is not None:
             self._check_count(count, self._sizes[cluster], f"cluster {cluster}")
-            free = len(self._free[cluster])
-            if free < count:
-                raise _insufficient(
-                    count,
-                    free,
-                    f"cluster {cluster} has only {free} free cores",
-                    cluster=cluster,
-                    constraint="cluster",
-                )
-            return self._take_lowest(cluster, count)
-
-        if same_cluster:
+        elif same_cluster:
             self._check_count(count, max(self._sizes), "the largest cluster")
         else:
             self._check_count(count, self.total, "the device")
-        best = self._best_fit_cluster(count)
-        if best is not None:
-            return self._take_lowest(best, count)
+
+    def _no_cores(
+        self, count: int, same_cluster: bool, cluster: int | None
+    ) -> InsufficientResources:
+        """The error for a request the free cores cannot satisfy (from the public queries,
+        so the C fast path raises exactly the same one)."""
+        if cluster is not None:
+            free = self.free_count(cluster)
+            return _insufficient(
+                count,
+                free,
+                f"cluster {cluster} has only {free} free cores",
+                cluster=cluster,
+                constraint="cluster",
+            )
+        free_total = self.free_count()
         if same_cluster:
-            most = max(len(free) for free in self._free)
-            where = [c for c, free in enumerate(self._free) if len(free) == most]
-            raise _insufficient(
+            per_cluster = [self.free_count(c) for c in range(len(self._sizes))]
+            most = max(per_cluster)
+            return _insufficient(
                 count,
                 most,
                 f"no single cluster has {count} free cores (same-cluster constraint); "
-                f"the most free in one cluster is {most} (cluster {where[0]})",
+                f"the most free in one cluster is {most} (cluster {per_cluster.index(most)})",
                 constraint="same_cluster",
-                free_total=self._free_total,
+                free_total=free_total,
             )
-        if self._free_total < count:
-            raise _insufficient(
-                count,
-                self._free_total,
-                f"only {self._free_total} cores are free on the device",
-                constraint="none",
-                free_total=self._free_total,
-            )
-        return self._spill(count)
+        return _insufficient(
+            count,
+            free_total,
+            f"only {free_total} cores are free on the device",
+            constraint="none",
+            free_total=free_total,
+        )
 
     def allocate_ids(self, ids: Iterable[int]) -> None:
         """Take exactly these cores (pinned cores, ledger recovery). All or nothing.
@@ -196,12 +210,7 @@ class CoreAllocator:
         wanted = self._check_ids(ids)
         held = [core for core in wanted if core not in self._free[self._cluster_of[core]]]
         if held:
-            raise ResourceConflict(
-                f"cores: core{'s' if len(held) > 1 else ''} {_id_list(held)} already held",
-                field="cores.ids",
-                cores=held,
-                expected="free cores",
-            )
+            raise _already_held(held)
         for core in wanted:
             self._free[self._cluster_of[core]].remove(core)
         self._free_total -= len(wanted)
@@ -218,12 +227,7 @@ class CoreAllocator:
         given = self._check_ids(ids)
         free = [core for core in given if core in self._free[self._cluster_of[core]]]
         if free:
-            raise ResourceConflict(
-                f"cores: double free: core{'s' if len(free) > 1 else ''} {_id_list(free)} not held",
-                field="cores.ids",
-                cores=free,
-                expected="held cores",
-            )
+            raise _double_free(free)
         for core in given:
             self._free[self._cluster_of[core]].add(core)
         self._free_total += len(given)
@@ -292,6 +296,8 @@ class CoreAllocator:
         given = list(ids)
         for core in given:
             self._check_id(core)
+        if len(set(given)) == len(given):
+            return sorted(given)
         twice = sorted(core for core, n in Counter(given).items() if n > 1)
         if twice:
             raise RequestError(
@@ -301,6 +307,24 @@ class CoreAllocator:
                 expected="distinct ids",
             )
         return sorted(given)
+
+
+def _already_held(held: list[int]) -> ResourceConflict:
+    return ResourceConflict(
+        f"cores: core{'s' if len(held) > 1 else ''} {_id_list(held)} already held",
+        field="cores.ids",
+        cores=held,
+        expected="free cores",
+    )
+
+
+def _double_free(free: list[int]) -> ResourceConflict:
+    return ResourceConflict(
+        f"cores: double free: core{'s' if len(free) > 1 else ''} {_id_list(free)} not held",
+        field="cores.ids",
+        cores=free,
+        expected="held cores",
+    )
 
 
 def _id_list(ids: Iterable[int]) -> str:

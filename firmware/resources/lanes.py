@@ -206,10 +206,7 @@ class LaneAllocator:
                 the widest free aligned group the same request could get (0 if none); the
                 message says "no free naturally aligned x{width} group".
         """
-        if port is not None:
-            self._check_port(port)
-        self._check_width(width, port)
-        excluded = self._check_exclude(exclude)
+        excluded = self._check_allocate(width, port, exclude)
         ports = range(len(self._port_lanes)) if port is None else (port,)
 
         best: tuple[bool, int, int] | None = None
@@ -220,9 +217,23 @@ class LaneAllocator:
                 if best is None or key < best:
                     best, best_group = key, LaneGroup(p, first, width)
         if best_group is None:
-            raise self._no_group(width, port, excluded)
+            largest = max(
+                (w for p in ports for w in LINK_WIDTHS if self._aligned_free(p, w, excluded)),
+                default=0,
+            )
+            raise self._no_group(width, port, excluded, largest)
         self._hold(best_group)
         return best_group
+
+    def _check_allocate(
+        self, width: int, port: int | None, exclude: Collection[int]
+    ) -> frozenset[int]:
+        """The state-independent checks of :meth:`allocate` (shared with the C fast path);
+        returns the excluded lanes."""
+        if port is not None:
+            self._check_port(port)
+        self._check_width(width, port)
+        return self._check_exclude(exclude)
 
     def allocate_exact(self, group: LaneGroup) -> None:
         """Take exactly ``group`` (a link pinned to an endpoint, or ledger recovery).
@@ -235,16 +246,20 @@ class LaneAllocator:
         self.validate(group)
         taken = sorted(self._held.intersection(group.lanes))
         if taken:
-            raise ResourceConflict(
-                f"lanes: cannot take {group}: lane{'s' if len(taken) > 1 else ''} "
-                f"{_lane_list(taken)} already held",
-                field="lanes",
-                group=group.to_dict(),
-                lanes=taken,
-                held_by=[holder.to_dict() for holder in self._holders(taken)],
-                expected="every lane free",
-            )
+            raise self._conflict(group, taken)
         self._hold(group)
+
+    def _conflict(self, group: LaneGroup, taken: list[int]) -> ResourceConflict:
+        """The error for taking ``group`` whose lanes ``taken`` are held."""
+        return ResourceConflict(
+            f"lanes: cannot take {group}: lane{'s' if len(taken) > 1 else ''} "
+            f"{_lane_list(taken)} already held",
+            field="lanes",
+            group=group.to_dict(),
+            lanes=taken,
+            held_by=[holder.to_dict() for holder in self._holders(taken)],
+            expected="every lane free",
+        )
 
     def release(self, group: LaneGroup) -> None:
         """Give back a group handed out by :meth:`allocate` or :meth:`allocate_exact`.
@@ -259,9 +274,13 @@ class LaneAllocator:
         if self._groups.get(group.first) == group:
             self._unhold(group)
             return
-        free = [lane for lane in group.lanes if lane not in self._held]
+        raise self._not_held(group, [lane for lane in group.lanes if lane not in self._held])
+
+    def _not_held(self, group: LaneGroup, free: list[int]) -> ResourceConflict:
+        """The error for releasing ``group`` that is not held as such; ``free`` lists its
+        free lanes (a double free) or is empty (its lanes belong to other groups)."""
         if free:
-            raise ResourceConflict(
+            return ResourceConflict(
                 f"lanes: double free of {group}: lane{'s' if len(free) > 1 else ''} "
                 f"{_lane_list(free)} not held",
                 field="lanes",
@@ -270,7 +289,7 @@ class LaneAllocator:
                 expected="a held group",
             )
         holders = self._holders(group.lanes)
-        raise ResourceConflict(
+        return ResourceConflict(
             f"lanes: {group} is not a held group; its lanes are held as "
             + ", ".join(str(holder) for holder in holders),
             field="lanes",
@@ -304,14 +323,10 @@ class LaneAllocator:
         return not self._held.isdisjoint(range(start, start + block))
 
     def _no_group(
-        self, width: int, port: int | None, excluded: Collection[int]
+        self, width: int, port: int | None, excluded: Collection[int], largest: int
     ) -> InsufficientResources:
-        """The error for "no candidate", with the widest group the request could get."""
-        ports = range(len(self._port_lanes)) if port is None else (port,)
-        largest = max(
-            (w for p in ports for w in LINK_WIDTHS if self._aligned_free(p, w, excluded)),
-            default=0,
-        )
+        """The error for "no candidate", with ``largest``, the widest free aligned group
+        the same request could get (0 if none)."""
         where = "on any port" if port is None else f"on port {port}"
         if excluded:
             where += f" outside the excluded lanes {_lane_list(sorted(excluded))}"

@@ -58,6 +58,8 @@ class Extent:
     length: int
 
     def __post_init__(self) -> None:
+        if type(self.start) is int and type(self.length) is int and self.start >= 0 < self.length:
+            return  # the common case, checked cheaply (extents are made on every allocation)
         if not _is_int(self.start) or self.start < 0:
             raise RequestError(
                 "memory.extent",
@@ -144,6 +146,20 @@ class ExtentAllocator:
         self._check_extent(extent)
         return self._containing(extent) is not None
 
+    def free_run_at(self, start: int) -> int:
+        """Length of the free extent that starts exactly at granule ``start`` (0 if none).
+        O(log n): what a contiguous slice could grow into in place."""
+        return int(self._by_start.get(start, 0))
+
+    def any_free(self, extent: Extent) -> bool:
+        """True if any granule of ``extent`` is free (``is_free``: all of them).
+
+        Raises:
+            RequestError: as :meth:`is_free`.
+        """
+        self._check_extent(extent)
+        return self._overlaps_free(extent)
+
     def __repr__(self) -> str:
         return (
             f"ExtentAllocator(total={self._total}, free={self._free}, "
@@ -177,6 +193,20 @@ class ExtentAllocator:
                 ``"fragmentation"`` (the free total suffices but more than ``max_extents``
                 extents would be needed; available = what ``max_extents`` extents give).
         """
+        self._check_allocate(granules, max_extents)
+        best = self._best_fit(granules)
+        if best is not None:
+            taken = [Extent(best, granules)]
+        elif contiguous or granules > self._free:
+            raise self._no_memory(granules, contiguous)
+        else:
+            taken = self._largest_first(granules, max_extents)
+        for extent in taken:
+            self._take(extent)
+        return sorted(taken)
+
+    def _check_allocate(self, granules: int, max_extents: int) -> None:
+        """The state-independent checks of :meth:`allocate` (shared with the C fast path)."""
         self._check_count("memory", granules, limit=self._total)
         if not _is_int(max_extents) or max_extents < 1:
             raise RequestError(
@@ -185,32 +215,41 @@ class ExtentAllocator:
                 value=max_extents,
                 expected=">= 1",
             )
-        best = self._best_fit(granules)
-        if best is not None:
-            taken = [Extent(best, granules)]
-        elif contiguous:
-            raise _insufficient(
+
+    def _no_memory(self, granules: int, contiguous: bool) -> InsufficientResources:
+        """No contiguous extent (``contiguous``) or too few free granules in total, from the
+        public queries (so the C fast path raises exactly the same error)."""
+        free, largest = self.free_granules, self.largest_free
+        if contiguous:
+            return _insufficient(
                 granules,
-                self.largest_free,
+                largest,
                 f"no free contiguous extent of {granules} granules "
-                f"(largest free extent: {self.largest_free}, free in total: {self._free})",
+                f"(largest free extent: {largest}, free in total: {free})",
                 reason="no_contiguous_extent",
-                largest_free=self.largest_free,
-                free_total=self._free,
+                largest_free=largest,
+                free_total=free,
             )
-        elif granules > self._free:
-            raise _insufficient(
-                granules,
-                self._free,
-                f"only {self._free} granules free in total",
-                reason="exhausted",
-                free_total=self._free,
-            )
-        else:
-            taken = self._largest_first(granules, max_extents)
-        for extent in taken:
-            self._take(extent)
-        return sorted(taken)
+        return _insufficient(
+            granules,
+            free,
+            f"only {free} granules free in total",
+            reason="exhausted",
+            free_total=free,
+        )
+
+    def _fragmented(self, granules: int, available: int, max_extents: int) -> InsufficientResources:
+        free = self.free_granules
+        return _insufficient(
+            granules,
+            available,
+            f"free memory is fragmented: {free} granules are free in total, but "
+            f"the {max_extents} largest free extents hold only {available} "
+            f"(max_extents={max_extents})",
+            reason="fragmentation",
+            free_total=free,
+            max_extents=max_extents,
+        )
 
     def allocate_at(self, extents: Iterable[Extent]) -> None:
         """Take exactly these extents (ledger recovery, resize to a known address).
@@ -226,12 +265,7 @@ class ExtentAllocator:
         wanted = self._check_extents(extents)
         busy = [extent for extent in wanted if self._containing(extent) is None]
         if busy:
-            raise ResourceConflict(
-                f"memory: {_describe(busy)} not free (already allocated, at least in part)",
-                field="memory.extent",
-                extents=[extent.to_dict() for extent in busy],
-                expected="every granule free",
-            )
+            raise _busy(busy)
         for extent in wanted:
             self._take(extent)
 
@@ -251,12 +285,7 @@ class ExtentAllocator:
         self._check_extent(extent)
         self._check_count("memory", granules, limit=None)
         if self._overlaps_free(extent):
-            raise ResourceConflict(
-                f"memory: cannot extend {_describe([extent])}: part of it is free, not allocated",
-                field="memory.extent",
-                extents=[extent.to_dict()],
-                expected="an allocated extent",
-            )
+            raise _extend_free(extent)
         following = self._by_start.get(extent.end)
         if following is None or following < granules:
             return None
@@ -278,12 +307,7 @@ class ExtentAllocator:
         given = self._check_extents(extents)
         double = [extent for extent in given if self._overlaps_free(extent)]
         if double:
-            raise ResourceConflict(
-                f"memory: double free: {_describe(double)} already free, at least in part",
-                field="memory.extent",
-                extents=[extent.to_dict() for extent in double],
-                expected="every granule allocated",
-            )
+            raise _double_free(double)
         for extent in given:
             self._give(extent)
 
@@ -322,17 +346,7 @@ class ExtentAllocator:
                     break
             below = (size, -1)
         if remaining > 0:
-            available = granules - remaining
-            raise _insufficient(
-                granules,
-                available,
-                f"free memory is fragmented: {self._free} granules are free in total, but "
-                f"the {max_extents} largest free extents hold only {available} "
-                f"(max_extents={max_extents})",
-                reason="fragmentation",
-                free_total=self._free,
-                max_extents=max_extents,
-            )
+            raise self._fragmented(granules, granules - remaining, max_extents)
         return taken
 
     # --------------------------------------------------------------- validation
@@ -445,6 +459,33 @@ class ExtentAllocator:
             end += self._delete(end)
         self._insert(start, end - start)
         self._free += extent.length
+
+
+def _busy(busy: list[Extent]) -> ResourceConflict:
+    return ResourceConflict(
+        f"memory: {_describe(busy)} not free (already allocated, at least in part)",
+        field="memory.extent",
+        extents=[extent.to_dict() for extent in busy],
+        expected="every granule free",
+    )
+
+
+def _double_free(double: list[Extent]) -> ResourceConflict:
+    return ResourceConflict(
+        f"memory: double free: {_describe(double)} already free, at least in part",
+        field="memory.extent",
+        extents=[extent.to_dict() for extent in double],
+        expected="every granule allocated",
+    )
+
+
+def _extend_free(extent: Extent) -> ResourceConflict:
+    return ResourceConflict(
+        f"memory: cannot extend {_describe([extent])}: part of it is free, not allocated",
+        field="memory.extent",
+        extents=[extent.to_dict()],
+        expected="an allocated extent",
+    )
 
 
 def _describe(extents: list[Extent]) -> str:
