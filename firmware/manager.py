@@ -30,7 +30,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from firmware.allocator import Allocator
 from firmware.errors import (
@@ -85,6 +85,22 @@ class _Request:
     pending: _Pending | None = None
 
 
+class VmHook(Protocol):
+    """Live VM hardware for slices, beside the crossbar (``slicefab_qemu.backend.QemuVmm``:
+    memory → virtio-mem, NVMe-pinned lanes → a hot-plugged NVMe controller, cores →
+    vCPUs). ``admit`` runs under the lock before the allocator and may refuse (any
+    SlicefabError); ``plan`` runs under the lock at every fabric sync with the slices in
+    the image; ``apply`` runs right after the crossbar took that image, and its
+    FabricError is handled exactly like the crossbar's (docs/qemu.md)."""
+
+    def admit(self, owner: str, slice_id: int | None, request: SliceSpec | ResizeSpec) -> None:
+        ...
+
+    def plan(self, slices: list[Slice]) -> Any: ...
+
+    def apply(self, plan: Any) -> None: ...
+
+
 class ResourceManager:
     """The firmware's Resource Allocation Manager for one device."""
 
@@ -97,6 +113,8 @@ class ResourceManager:
         self.vms = VmRegistry(ledger)
         #: called after a VM is provisioned or removed (the daemon serves its mailbox)
         self.on_vms_changed: Callable[[], None] | None = None
+        #: VM hardware that follows the slices (the daemon sets it; None: crossbar only)
+        self.vm_hook: VmHook | None = None
         self._lock = threading.Lock()
         self._fabric_lock = threading.Lock()
         self._fail_lock = threading.Lock()
@@ -160,6 +178,8 @@ class ResourceManager:
             return earlier.done.result()  # the first execution's outcome, once finished
         try:
             with self._lock:
+                if self.vm_hook is not None:
+                    self.vm_hook.admit(spec.owner, None, spec)
                 s = self.allocator.allocate(spec)
                 response = self._view(s, SliceState.ACTIVE)
                 record = PutSlice(s.id, s.owner, spec.to_dict(), s.alloc.to_dict())
@@ -203,6 +223,8 @@ class ResourceManager:
                         f"slice {slice_id} is {s.state.value}, not active",
                         state=s.state.value,
                     )
+                if self.vm_hook is not None:
+                    self.vm_hook.admit(s.owner, slice_id, rs)
                 self.allocator.resize(slice_id, rs)
                 response = self._view(s, SliceState.ACTIVE)
                 record = PutSlice(s.id, s.owner, s.spec.to_dict(), s.alloc.to_dict())
@@ -511,7 +533,16 @@ class ResourceManager:
                 return
             demand = self.allocator.port_demand()
             releasable = set(self._pending_release)
+            hook = self.vm_hook
+            vm_plan: Any = None
+            if hook is not None:
+                gone = self.allocator.withdrawn
+                vm_plan = hook.plan(
+                    [s for s in self.allocator.slices.values() if s.live and s.id not in gone]
+                )
         self.fabric.sync(demand)
+        if hook is not None:
+            hook.apply(vm_plan)
         with self._lock:
             self._synced_version = version
             for sid in releasable:
