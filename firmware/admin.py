@@ -242,6 +242,18 @@ def _fabric(a: _Admin, args: Mapping[str, Any], rid: str | None) -> dict[str, An
     }
 
 
+def _telemetry(a: _Admin, args: Mapping[str, Any], rid: str | None) -> dict[str, Any]:
+    """DEVICE_TELEMETRY: utilisation (``Allocator.utilisation()``'s shape), the fabric's
+    generation and the traffic counters of every held crossbar port (``slicefab top``)."""
+    p = a.request("DEVICE_TELEMETRY")
+    return {
+        "slices": p["slices"],
+        "utilisation": convert.utilisation_from_payload(p["utilisation"]),
+        "generation": p["generation"],
+        "ports": [dict(q) for q in p["ports"]],
+    }
+
+
 def _vm_add(a: _Admin, args: Mapping[str, Any], rid: str | None) -> dict[str, Any]:
     p = a.request("VM_ADD", {"vm": args.get("vm"), "mailbox": args.get("mailbox")})
     return {"vm": p["vm"], "key": bytes(p["key"]).hex(), "mailbox": p["mailbox"]}
@@ -277,6 +289,7 @@ OPS: dict[str, Op] = {
         a.request("FREE", {"slice": _slice_id(args), "request_id": rid})
     ),
     "fabric": _fabric,
+    "telemetry": _telemetry,
     "vm_add": _vm_add,
     "vm_list": _vm_list,
     "vm_remove": _vm_remove,

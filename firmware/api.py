@@ -22,7 +22,9 @@ file permissions) skips 4 and 5.
 from __future__ import annotations
 
 import secrets
+import struct
 import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -89,6 +91,9 @@ class Channel:
 
 Handler = Callable[["Api", Channel, Mapping[str, Any]], Mapping[str, Any]]
 
+#: ``observe(role, command, return_code, seconds)``, see :attr:`Api.observe`
+Observer = Callable[[Role, str, int, float], None]
+
 
 #: commands that may wait for the ledger or the fabric (the others answer from memory)
 _MAY_BLOCK = frozenset(
@@ -121,6 +126,11 @@ class Api:
         self.vms = vms
         self.boot_nonce = secrets.token_bytes(16)
         self._allowed = {Role.VM: allowed_opcodes(Role.VM), Role.ADMIN: allowed_opcodes(Role.ADMIN)}
+        #: called once per answered request with the channel's role, the command's name
+        #: (``"unknown"`` for an opcode not in the table), the CXL return code answered and
+        #: the seconds spent; must not raise (the daemon's metrics: firmware.metrics).
+        #: None, the default, costs one attribute test per request.
+        self.observe: Observer | None = None
 
     # ---------------------------------------------------------------- VM frames
 
@@ -128,6 +138,8 @@ class Api:
         """One sealed request from ``channel``'s VM → one sealed response. Never raises."""
         assert channel.vm is not None
         with channel.lock:  # one outstanding request per mailbox
+            observe = self.observe
+            start = time.perf_counter() if observe is not None else 0.0
             channel.counters.requests += 1
             seq = 0
             if len(frame) >= TRAILER_BYTES:
@@ -137,7 +149,10 @@ class Api:
             except NotFound:  # revoked while its mailbox was open: nothing to seal with
                 return b""
             message = self._vm_request(channel, key, frame)
-            return seal_frame(key, RESPONSE_DOMAIN, channel.vm, seq, message)
+            response = seal_frame(key, RESPONSE_DOMAIN, channel.vm, seq, message)
+            if observe is not None:
+                _observed(observe, Role.VM, message, time.perf_counter() - start)
+            return response
 
     def _vm_request(self, channel: Channel, key: bytes, frame: bytes) -> bytes:
         assert channel.vm is not None
@@ -186,6 +201,14 @@ class Api:
 
     def handle_admin_frame(self, channel: Channel, frame: bytes) -> bytes:
         """One plain CCI request on the admin channel → its response. Never raises."""
+        observe = self.observe
+        start = time.perf_counter() if observe is not None else 0.0
+        response = self._admin_request(channel, frame)
+        if observe is not None:
+            _observed(observe, Role.ADMIN, response, time.perf_counter() - start)
+        return response
+
+    def _admin_request(self, channel: Channel, frame: bytes) -> bytes:
         request = _NO_REQUEST
         try:
             header = _check_header(frame)
@@ -231,6 +254,19 @@ class Api:
             return encode_error(message, e.to_dict())
         except (AbiError, ValueError) as e:  # a result that does not fit its layout
             return encode_error(message, _error("internal", f"{cmd.name}: {e}"))
+
+
+#: the opcode (command, command set: one LE u16 at byte 3) and the return code (byte 8) of
+#: a CCI header (abi.cci.HEADER, CXL r3.1 Figure 7-19): all the observer needs, cheaply
+_OPCODE_AND_RC = struct.Struct("<3xH3xH")
+_NAMES = {opcode: cmd.name for opcode, cmd in COMMANDS.items()}
+
+
+def _observed(observe: Observer, role: Role, message: bytes, seconds: float) -> None:
+    """Report an answered request, named from its response header (any opcode an attacker
+    makes up is "unknown", so the names stay a bounded set)."""
+    opcode, return_code = _OPCODE_AND_RC.unpack_from(message)
+    observe(role, _NAMES.get(opcode, "unknown"), return_code, seconds)
 
 
 def _error(code: str, message: str) -> dict[str, Any]:

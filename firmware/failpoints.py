@@ -47,9 +47,8 @@ ACTIONS = ("crash", "error")
 
 
 class FailpointError(SlicefabError):
-    """An ``error`` failpoint fired (a deliberately injected failure)."""
-
-    code = "internal"
+    """An ``error`` failpoint fired (a deliberately injected failure; on the wire it is the
+    generic firmware error)."""
 
 
 @dataclass
