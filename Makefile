@@ -6,11 +6,14 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# The C fast path: pip install compiles it (cffi_modules in setup.py); rebuilt after a C edit.
+FASTPATH_SO := cffi_ext/_slicefab.abi3.so
+FASTPATH_SRC := $(wildcard cffi_ext/src/*.c cffi_ext/src/*.h cffi_ext/include/*.h) cffi_ext/build.py setup.py
 PYTEST_ARGS ?=
 
-.PHONY: setup system-deps demo test test-fast lint typecheck regen bench clean
+.PHONY: setup system-deps demo test test-fast lint typecheck regen bench clean fastpath sanitize
 
-setup: system-deps $(STAMP)
+setup: system-deps $(STAMP) $(FASTPATH_SO)
 
 system-deps:
 	@bash .ci/apt-deps
@@ -22,17 +25,29 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
+$(FASTPATH_SO): $(FASTPATH_SRC) | $(STAMP)
+	$(BIN)/pip install --quiet --no-deps -e .
+	touch $@
+
+fastpath: $(FASTPATH_SO)
+
+# The C sources and their C tests under AddressSanitizer + UndefinedBehaviorSanitizer, then
+# the Python differential tests against a sanitized build of the extension (docs/fastpath.md).
+sanitize: setup
+	$(MAKE) -C cffi_ext -f Makefile.sanitize PYTHON=$(abspath $(BIN)/python)
+
 demo: setup
 	$(BIN)/slicefab demo
 
 lint: setup
-	$(BIN)/ruff check abi firmware hostlib rtl/regmap tests
+	$(BIN)/ruff check abi firmware hostlib qemu/slicefab_qemu rtl/regmap rtl/tb cffi_ext tests
 
 typecheck: setup
 	$(BIN)/mypy
 
-# Everything CI runs: lint, strict typing, generated files up to date, every test family.
-test: setup lint typecheck
+# Everything CI runs: lint, strict typing, generated files up to date, every test family,
+# the C fast path under the sanitizers (~40 s).
+test: setup lint typecheck sanitize
 	$(BIN)/python rtl/regmap/generate.py --check
 	$(BIN)/pytest $(PYTEST_ARGS)
 
@@ -40,7 +55,8 @@ test: setup lint typecheck
 test-fast: setup
 	$(BIN)/pytest -m "not slow and not rtl and not qemu and not etcd and not netns" $(PYTEST_ARGS)
 
-# Regenerate abi/regmap.py, the C header and docs/abi/registers.md from the SystemRDL map.
+# Regenerate abi/regmap.py, the C header, docs/abi/registers.md and the Verilog register
+# block (rtl/regmap/slicefab_xbar_regs.sv) from the SystemRDL map.
 regen: setup
 	$(BIN)/python rtl/regmap/generate.py
 
@@ -49,3 +65,4 @@ bench: setup
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf cffi_ext/*.so cffi_ext/_slicefab*.c cffi_ext/*.o cffi_ext/src/*.o cffi_ext/build-sanitize

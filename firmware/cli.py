@@ -93,6 +93,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from firmware.api import Api
     from firmware.mailboxes import MailboxService
 
+    metrics_at = None
+    if args.metrics is not None:  # a bad address is refused before anything is opened
+        from firmware import metrics
+
+        metrics_at = metrics.parse_address(args.metrics, public=args.metrics_public)
     state = StateDir(args.state_dir)
     manager = open_manager(state, args.device, durability=Durability(args.durability))
     api = Api(manager, manager.vms)
@@ -107,23 +112,32 @@ def cmd_serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, lambda signum, frame: stopping.set())
     signal.signal(signal.SIGINT, lambda signum, frame: stopping.set())
     manager.on_fatal = stopping.set
+    vmm = None if args.no_qemu else _qemu_backend(manager, state)
     mailboxes = MailboxService(api, state.path, sockets=args.vm_sockets)
     mailboxes.refresh()
     manager.on_vms_changed = mailboxes.refresh
-    n = len(manager.allocator.slices)
-    print(
-        f"slicefab: serving device {manager.device.name} on {state.socket} "
-        f"({n} slice{'s' if n != 1 else ''} recovered, fabric generation "
-        f"{manager.fabric.generation}, {len(mailboxes.channels())} VM mailboxes, "
-        f"durability {args.durability})",
-        flush=True,
-    )
+    endpoint = None
     try:
+        if metrics_at is not None:
+            endpoint = metrics.serve(api, mailboxes.channels, *metrics_at)
+        n = len(manager.allocator.slices)
+        print(
+            f"slicefab: serving device {manager.device.name} on {state.socket} "
+            f"({n} slice{'s' if n != 1 else ''} recovered, fabric generation "
+            f"{manager.fabric.generation}, {len(mailboxes.channels())} VM mailboxes, "
+            f"durability {args.durability}"
+            + (f", metrics on {endpoint.url})" if endpoint is not None else ")"),
+            flush=True,
+        )
         while not stopping.wait(0.2):  # a timed wait lets the signal handlers run
             pass
     finally:
+        if endpoint is not None:
+            endpoint.stop()
         server.stop()
         mailboxes.close()
+        if vmm is not None:
+            vmm.close()
         manager.close()
         state.unlock()
     if manager.failed is not None:
@@ -134,6 +148,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )
         return 3
     return 0
+
+
+def _qemu_backend(manager: Any, state: StateDir) -> Any:
+    """The QEMU backend (slicefab_qemu.backend): slices of VMs started with ``slicefab vm
+    up`` on this state directory become their hardware. None without qemu.qmp."""
+    try:
+        from slicefab_qemu.backend import QemuVmm
+    except ImportError:
+        return None
+    vmm = QemuVmm(state.path, manager.device)
+    manager.vm_hook = vmm
+    vmm.attach(manager.read)
+    return vmm
 
 
 def cmd_device_show(args: argparse.Namespace) -> int:
@@ -349,6 +376,17 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 1 if violations else 0
 
 
+def cmd_top(args: argparse.Namespace) -> int:
+    """A live view of the device (firmware.top); ``--once`` prints one frame."""
+    from firmware.top import run_top
+
+    if args.json and not args.once:
+        err_console.print("slicefab: error: top --json needs --once", markup=False)
+        return 2
+    with session(args) as client:
+        return run_top(args, lambda op: call(client, op), console)
+
+
 def cmd_vm_add(args: argparse.Namespace) -> int:
     """Provision a VM and write the credential file the administrator hands to it."""
     from firmware.mailboxes import default_mailbox
@@ -369,19 +407,57 @@ def cmd_vm_add(args: argparse.Namespace) -> int:
 
 
 def cmd_vm_list(args: argparse.Namespace) -> int:
+    """Provisioned VMs, and which of them run as QEMU guests (``vm up``)."""
     with session(args) as client:
         vms = call(client, "vm_list")
+    try:
+        from slicefab_qemu.cli import running as qemu_running
+
+        up = qemu_running(Path(args.state_dir))
+    except ImportError:
+        up = {}
+    for v in vms:
+        v["running"] = up.pop(v["vm"], None)
+    vms += [{"vm": vm, "mailbox": "", "last_seq": None, "running": r} for vm, r in up.items()]
     if args.json:
         emit_json(vms)
     else:
         from rich.table import Table
 
         t = Table(title="VMs", title_justify="left")
-        for col in ("vm", "mailbox", "last seq"):
+        for col in ("vm", "mailbox", "last seq", "QEMU guest"):
             t.add_column(col)
         for v in vms:
-            t.add_row(v["vm"], v["mailbox"], str(v["last_seq"]))
+            r = v["running"]
+            guest = f"up {r['uptime_s']} s, pid {r['pid']}" if r else "-"
+            t.add_row(v["vm"], v["mailbox"] or "(not provisioned)", str(v["last_seq"]), guest)
         console.print(t)
+    return 0
+
+
+def cmd_vm_up(args: argparse.Namespace) -> int:
+    """Boot a QEMU guest for a provisioned VM (slicefab_qemu) and leave it running."""
+    from slicefab_qemu.cli import up
+
+    with session(args) as client:
+        vms = call(client, "vm_list")
+    r = up(args, vms)
+    if args.json:
+        emit_json(r)
+    else:
+        console.print(f"[bold]{r['vm']}[/] is up in {r['boot_s']} s (QEMU pid {r['qemu_pid']})")
+        console.print(f"run directory {r['run_dir']}; console log {r['console_log']}")
+    return 0
+
+
+def cmd_vm_down(args: argparse.Namespace) -> int:
+    from slicefab_qemu.cli import down
+
+    was = down(args)
+    if args.json:
+        emit_json({"vm": args.vm, "was_running": was})
+    else:
+        console.print(f"{args.vm} {'stopped' if was else 'was not running'}")
     return 0
 
 
@@ -404,6 +480,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from firmware.bench import BENCHES, run_bench
 
+    if args.name == "qemu":  # boots guests: registered only when asked for
+        from slicefab_qemu.bench import bench_qemu
+
+        BENCHES["qemu"] = bench_qemu
+    if args.name == "rtl":  # builds and runs simulations: registered only when asked for
+        from firmware.bench_rtl import bench_rtl
+
+        BENCHES["rtl"] = bench_rtl
     if args.name not in BENCHES:
         err_console.print(f"slicefab: unknown benchmark {args.name!r}; known: {', '.join(BENCHES)}")
         return 2
@@ -480,6 +564,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="what an acknowledged operation survives: 'power' (fsync every group commit; "
         "the default) or 'crash' (the firmware process being killed; no fsync per commit)",
     )
+    s.add_argument(
+        "--metrics",
+        metavar="ADDR:PORT",
+        help="serve Prometheus metrics on http://ADDR:PORT/metrics (default: off; loopback "
+        "only unless --metrics-public; port 0 picks a free one, printed at start)",
+    )
+    s.add_argument(
+        "--metrics-public",
+        action="store_true",
+        help="allow --metrics on a non-loopback address (it shows every VM's slices)",
+    )
+    s.add_argument(
+        "--no-qemu",
+        action="store_true",
+        help="do not apply slices to the QEMU guests of `slicefab vm up` (docs/qemu.md)",
+    )
     s.set_defaults(func=cmd_serve)
 
     dev = sub.add_parser("device", help="the device inventory").add_subparsers(
@@ -552,8 +652,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="where to write the VM's credential (default: STATE/vms/VM.credential.toml)",
     )
     va.set_defaults(func=cmd_vm_add)
-    vl = vm.add_parser("list", parents=[common], help="provisioned VMs")
+    vl = vm.add_parser("list", parents=[common], help="provisioned VMs and running guests")
     vl.set_defaults(func=cmd_vm_list)
+    vu = vm.add_parser("up", parents=[common], help="boot a QEMU guest for a provisioned VM")
+    from slicefab_qemu.cli import add_up_arguments
+
+    add_up_arguments(vu)
+    vu.set_defaults(func=cmd_vm_up)
+    vd = vm.add_parser("down", parents=[common], help="stop a VM's QEMU guest")
+    vd.add_argument("vm")
+    vd.set_defaults(func=cmd_vm_down)
     vr = vm.add_parser("remove", parents=[common], help="revoke a VM's credential")
     vr.add_argument("vm")
     vr.set_defaults(func=cmd_vm_remove)
@@ -562,6 +670,12 @@ def build_parser() -> argparse.ArgumentParser:
         "check", parents=[common], help="check invariants and the crossbar against the ledger"
     )
     ck.set_defaults(func=cmd_check)
+
+    from firmware.top import add_arguments as add_top_arguments
+
+    tp = sub.add_parser("top", parents=[common], help="a live view of the device")
+    add_top_arguments(tp)
+    tp.set_defaults(func=cmd_top)
 
     dm = sub.add_parser("demo", parents=[common], help="a scripted session of a few VMs")
     dm.add_argument(
@@ -574,7 +688,7 @@ def build_parser() -> argparse.ArgumentParser:
     dm.set_defaults(func=cmd_demo)
 
     b = sub.add_parser("bench", parents=[common], help="run a benchmark, print its figures")
-    b.add_argument("name", help="alloc")
+    b.add_argument("name", help="alloc, mailbox, qemu or fastpath")
     b.add_argument("--quick", action="store_true", help="shorter run (for tests)")
     b.set_defaults(func=cmd_bench)
     return p
