@@ -20,7 +20,12 @@ import abi.regmap as rm
 REPO = Path(__file__).resolve().parents[1]
 GENERATOR = REPO / "rtl/regmap/generate.py"
 RDL = REPO / "rtl/regmap/slicefab_xbar.rdl"
-OUTPUTS = ("abi/regmap.py", "cffi_ext/include/slicefab_xbar.h", "docs/abi/registers.md")
+OUTPUTS = (
+    "abi/regmap.py",
+    "cffi_ext/include/slicefab_xbar.h",
+    "docs/abi/registers.md",
+    "rtl/regmap/slicefab_xbar_regs.sv",
+)
 
 
 def run_generator(*args: str) -> subprocess.CompletedProcess[str]:
@@ -76,7 +81,8 @@ def test_generation_is_deterministic_and_location_free(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("rel", "comment"), list(zip(OUTPUTS, ["# {}", "// {}", "<!-- {} -->"], strict=True))
+    ("rel", "comment"),
+    list(zip(OUTPUTS, ["# {}", "// {}", "<!-- {} -->", "// {}"], strict=True)),
 )
 def test_outputs_start_with_the_do_not_edit_note(rel: str, comment: str) -> None:
     first = (REPO / rel).read_text().splitlines()[0]

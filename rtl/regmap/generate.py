@@ -6,7 +6,7 @@ Usage (from the repository root)::
     .venv/bin/python rtl/regmap/generate.py --check   # exit 1 with a diff if any is stale
 
 The SystemRDL file is the one source of the register map (docs/DESIGN "The crossbar"). It is
-compiled once with systemrdl-compiler and exported three ways:
+compiled once with systemrdl-compiler and exported four ways:
 
 ``abi/regmap.py``
     Typed constants for the firmware and the behavioural model. This exporter is written
@@ -21,6 +21,11 @@ compiled once with systemrdl-compiler and exported three ways:
 ``docs/abi/registers.md``
     peakrdl-markdown, with register arrays documented once (element 0 standing for all)
     instead of unrolled 64 times.
+``rtl/regmap/slicefab_xbar_regs.sv``
+    peakrdl-etana (the register block of the Verilog crossbar, which Icarus 11 compiles;
+    peakrdl-regblock's output does not): passthrough CPU interface (``rtl/slicefab_xbar_axil.sv``
+    puts the AXI4-Lite slave and the per-instance checks in front of it), SLVERR for
+    unmapped addresses and wrong-direction accesses, synchronous active-high reset.
 
 Every output is a pure function of the RDL (no timestamps, no absolute paths), which is
 what ``--check`` relies on.
@@ -38,6 +43,9 @@ from pathlib import Path
 from typing import Any
 
 from peakrdl_cheader.exporter import CHeaderExporter
+from peakrdl_etana import RegblockExporter  # type: ignore[import-untyped]
+from peakrdl_etana.cpuif.passthrough import PassthroughCpuif  # type: ignore[import-untyped]
+from peakrdl_etana.udps import ALL_UDPS as ETANA_UDPS  # type: ignore[import-untyped]
 from peakrdl_markdown.exporter import MarkdownExporter  # type: ignore[import-untyped]
 from py_markdown_table.markdown_table import markdown_table  # type: ignore[import-untyped]
 from systemrdl.compiler import RDLCompiler
@@ -49,6 +57,8 @@ RDL_SOURCE = Path("rtl/regmap/slicefab_xbar.rdl")
 PYTHON_OUTPUT = Path("abi/regmap.py")
 C_HEADER_OUTPUT = Path("cffi_ext/include/slicefab_xbar.h")
 MARKDOWN_OUTPUT = Path("docs/abi/registers.md")
+VERILOG_OUTPUT = Path("rtl/regmap/slicefab_xbar_regs.sv")
+VERILOG_MODULE = "slicefab_xbar_regs"
 
 REGISTER_WIDTH = 32  # AXI4-Lite data width of the register port
 
@@ -62,6 +72,9 @@ class RegmapShapeError(Exception):
 def compile_regmap(source: Path | None = None) -> AddrmapNode:
     """Compile and elaborate the register map with its default parameters (N_PORTS=64)."""
     rdlc = RDLCompiler()
+    # peakrdl-etana looks up its own UDPs on every node; soft ones stay invisible to the RDL
+    for udp in ETANA_UDPS:
+        rdlc.register_udp(udp, soft=True)
     rdlc.compile_file(str(source or REPO_ROOT / RDL_SOURCE))
     return rdlc.elaborate().top
 
@@ -315,6 +328,29 @@ def export_markdown(top: AddrmapNode, path: Path) -> None:
     _prepend(path, f"<!-- {GENERATED_NOTE} -->\n")
 
 
+# --------------------------------------------------------------------------------------
+# rtl/regmap/slicefab_xbar_regs.sv
+# --------------------------------------------------------------------------------------
+
+
+def export_verilog(top: AddrmapNode, path: Path) -> None:
+    """peakrdl-etana register block for the crossbar (see the module docstring)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="regmap-etana-") as tmp:
+        RegblockExporter().export(
+            top,
+            tmp,
+            cpuif_cls=PassthroughCpuif,
+            module_name=VERILOG_MODULE,
+            err_if_bad_addr=True,
+            err_if_bad_rw=True,
+            default_reset_activelow=False,
+            default_reset_async=False,
+        )
+        text = (Path(tmp) / f"{VERILOG_MODULE}.sv").read_text(encoding="utf-8")
+    path.write_text(f"// {GENERATED_NOTE}\n" + text, encoding="utf-8")
+
+
 def _prepend(path: Path, line: str) -> None:
     path.write_text(line + path.read_text(encoding="utf-8"), encoding="utf-8")
 
@@ -327,6 +363,7 @@ EXPORTERS: dict[Path, Callable[[AddrmapNode, Path], None]] = {
     PYTHON_OUTPUT: export_python,
     C_HEADER_OUTPUT: export_c_header,
     MARKDOWN_OUTPUT: export_markdown,
+    VERILOG_OUTPUT: export_verilog,
 }
 
 
