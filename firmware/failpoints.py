@@ -4,7 +4,7 @@ Each durable step of the firmware is bracketed by failpoints (the list is :data:
 and docs/reliability.md). They are off unless the environment variable
 ``SLICEFAB_FAILPOINTS`` names some when the process starts::
 
-    SLICEFAB_FAILPOINTS="ledger.after_commit=crash@3,fabric.before_commit=error"
+    SLICEFAB_FAILPOINTS="ledger.after_commit=crash@3,fabric.after_writes=error"
 
 Each entry is ``NAME=ACTION[@N]``: the action fires on the N-th time the point is reached
 (default: the first), then the point disarms. Actions:

@@ -42,12 +42,14 @@ class Daemon:
         self.state = state
         self.proc: subprocess.Popen[str] | None = None
 
-    def start(self, *extra: str) -> str:
+    def start(self, *extra: str, env: dict[str, str] | None = None) -> str:
+        """Start ``slicefab serve`` (``env``: variables set on top of this process's)."""
         self.proc = subprocess.Popen(
             [*CLI, "serve", "--state-dir", str(self.state), *extra],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
+            env=None if env is None else {**os.environ, **env},
         )
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()  # printed once the socket is listening

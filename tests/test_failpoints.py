@@ -3,10 +3,6 @@ in the middle of an allocation recovers to a state that is exactly "applied" or 
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,8 +11,7 @@ import pytest
 from firmware import failpoints
 from firmware.errors import ConfigError, FabricError, LedgerError
 from firmware.ledger import Ledger, PutMeta
-
-CLI = [sys.executable, "-m", "firmware.cli"]
+from tests.test_cli import Daemon, run, run_json
 
 
 @pytest.fixture(autouse=True)
@@ -65,39 +60,6 @@ def test_a_ledger_error_failpoint_is_a_failed_write_and_fail_stop(tmp_path: Path
     again.close()
 
 
-def _cli(state: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*CLI, *args, "--state-dir", str(state), "--json"],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-
-
-def _serve(state: Path, failpoint: str | None) -> subprocess.Popen[str]:
-    env = dict(os.environ)
-    env.pop(failpoints.ENV, None)
-    if failpoint:
-        env[failpoints.ENV] = failpoint
-    proc = subprocess.Popen(
-        [*CLI, "serve", "--state-dir", str(state)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-    )  # fmt: skip
-    assert proc.stdout is not None
-    if "serving" not in proc.stdout.readline():
-        proc.kill()
-        proc.wait()
-        raise AssertionError("daemon did not start")
-    return proc
-
-
-def _stop(proc: subprocess.Popen[str]) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        proc.wait(timeout=30)
-    for f in (proc.stdout, proc.stderr):
-        if f is not None:
-            f.close()
-
-
 ALLOC = ("alloc", "--owner", "vm-a", "--memory", "64MiB", "--cores", "2", "--request-id", "r1")
 
 
@@ -109,24 +71,22 @@ ALLOC = ("alloc", "--owner", "vm-a", "--memory", "64MiB", "--cores", "2", "--req
 def test_a_daemon_killed_mid_allocation_recovers_all_or_nothing(
     tmp_path: Path, point: str, applied: bool
 ) -> None:
-    state = tmp_path / "state"
-    daemon = _serve(state, f"{point}=crash")
+    daemon = Daemon(tmp_path / "state")
+    state = daemon.state
     try:
-        lost = _cli(state, *ALLOC)
+        daemon.start(env={failpoints.ENV: f"{point}=crash"})
+        lost = run(*ALLOC, "--json", state=state, check=False)
         assert lost.returncode == 4, lost.stderr  # the daemon died before answering
-        assert daemon.wait(timeout=30) == -9
-    finally:
-        _stop(daemon)
-    daemon = _serve(state, None)
-    try:
-        slices = json.loads(_cli(state, "slices", "list").stdout)
+        assert daemon.proc is not None and daemon.proc.wait(timeout=30) == -9
+        daemon.stop()
+        daemon.start()
+        slices = run_json("slices", "list", state=state)
         assert len(slices) == (1 if applied else 0)
-        assert json.loads(_cli(state, "check").stdout) == {"violations": []}
-        retry = _cli(state, *ALLOC)  # the client retries with the same request id
-        assert retry.returncode == 0, retry.stderr
-        again = json.loads(_cli(state, "slices", "list").stdout)
+        assert run_json("check", state=state) == {"violations": []}
+        run_json(*ALLOC, state=state)  # the client retries with the same request id
+        again = run_json("slices", "list", state=state)
         assert len(again) == 1  # applied exactly once
         if applied:
             assert again[0]["alloc"] == slices[0]["alloc"]
     finally:
-        _stop(daemon)
+        daemon.stop()
