@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from abi import convert
-from abi.cci import HEADER_BYTES, MAX_PAYLOAD, Category, Message, check_header, unpack_raw
+from abi.cci import HEADER_BYTES, MAX_PAYLOAD, Category, Message, check_header
 from abi.commands import (
     BY_NAME,
     COMMANDS,
@@ -95,6 +95,11 @@ Handler = Callable[["Api", Channel, Mapping[str, Any]], Mapping[str, Any]]
 Observer = Callable[[Role, str, int, float], None]
 
 
+#: the opcode (command, command set: one LE u16 at byte 3) and the return code (byte 8) of
+#: a CCI header (abi.cci.HEADER, CXL r3.1 Figure 7-19), read without checking anything:
+#: what the mailbox poller and the observer need, cheaply
+_OPCODE_AND_RC = struct.Struct("<3xH3xH")
+
 #: commands that may wait for the ledger or the fabric (the others answer from memory)
 _MAY_BLOCK = frozenset(
     BY_NAME[name].opcode
@@ -114,8 +119,7 @@ def may_block(frame: bytes) -> bool:
     The mailbox poller answers the others itself and hands these to a worker thread."""
     if len(frame) < HEADER_BYTES:
         return False
-    raw = unpack_raw(frame)
-    return (raw.command_set << 8 | raw.command) in _MAY_BLOCK
+    return _OPCODE_AND_RC.unpack_from(frame)[0] in _MAY_BLOCK
 
 
 class Api:
@@ -256,9 +260,6 @@ class Api:
             return encode_error(message, _error("internal", f"{cmd.name}: {e}"))
 
 
-#: the opcode (command, command set: one LE u16 at byte 3) and the return code (byte 8) of
-#: a CCI header (abi.cci.HEADER, CXL r3.1 Figure 7-19): all the observer needs, cheaply
-_OPCODE_AND_RC = struct.Struct("<3xH3xH")
 _NAMES = {opcode: cmd.name for opcode, cmd in COMMANDS.items()}
 
 
