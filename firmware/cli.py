@@ -101,23 +101,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
     state = StateDir(args.state_dir)
     manager = open_manager(state, args.device, durability=Durability(args.durability))
     api = Api(manager, manager.vms)
-    try:
-        server = AdminServer(state.socket, api)
-        server.start()
-    except BaseException:
-        manager.close()
-        state.unlock()
-        raise
     stopping = threading.Event()
     signal.signal(signal.SIGTERM, lambda signum, frame: stopping.set())
     signal.signal(signal.SIGINT, lambda signum, frame: stopping.set())
     manager.on_fatal = stopping.set
-    vmm = None if args.no_qemu else _qemu_backend(manager, state)
-    mailboxes = MailboxService(api, state.path, sockets=args.vm_sockets)
-    mailboxes.refresh()
-    manager.on_vms_changed = mailboxes.refresh
+    # Everything started below is stopped in the finally, also when a later start fails.
+    server: AdminServer | None = None
+    vmm = None
+    mailboxes: MailboxService | None = None
     endpoint = None
     try:
+        server = AdminServer(state.socket, api)
+        server.start()
+        vmm = None if args.no_qemu else _qemu_backend(manager, state)
+        mailboxes = MailboxService(api, state.path, sockets=args.vm_sockets)
+        mailboxes.refresh()
+        manager.on_vms_changed = mailboxes.refresh
         if metrics_at is not None:
             endpoint = metrics.serve(api, mailboxes.channels, *metrics_at)
         n = len(manager.allocator.slices)
@@ -134,8 +133,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     finally:
         if endpoint is not None:
             endpoint.stop()
-        server.stop()
-        mailboxes.close()
+        if server is not None:
+            server.stop()
+        if mailboxes is not None:
+            mailboxes.close()
         if vmm is not None:
             vmm.close()
         manager.close()
