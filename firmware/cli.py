@@ -388,6 +388,11 @@ def cmd_top(args: argparse.Namespace) -> int:
         return run_top(args, lambda op: call(client, op), console)
 
 
+def _credential_file(args: argparse.Namespace) -> Path:
+    """``--credential``, else where ``vm add`` writes it: STATE/vms/VM.credential.toml."""
+    return Path(args.credential or Path(args.state_dir) / "vms" / f"{args.vm}.credential.toml")
+
+
 def cmd_vm_add(args: argparse.Namespace) -> int:
     """Provision a VM and write the credential file the administrator hands to it."""
     from firmware.mailboxes import default_mailbox
@@ -396,7 +401,7 @@ def cmd_vm_add(args: argparse.Namespace) -> int:
     mailbox = args.mailbox or default_mailbox(Path(args.state_dir), args.vm)
     with session(args) as client:
         r = call(client, "vm_add", {"vm": args.vm, "mailbox": str(Path(mailbox).absolute())})
-    cred_path = args.credential or Path(args.state_dir) / "vms" / f"{args.vm}.credential.toml"
+    cred_path = _credential_file(args)
     cred_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     write_credential_file(cred_path, VmCredential(r["vm"], bytes.fromhex(r["key"]), r["mailbox"]))
     if args.json:
@@ -442,7 +447,7 @@ def cmd_vm_up(args: argparse.Namespace) -> int:
 
     with session(args) as client:
         vms = call(client, "vm_list")
-    r = up(args, vms)
+    r = up(args, vms, _credential_file(args))
     if args.json:
         emit_json(r)
     else:

@@ -101,6 +101,13 @@ class VmHook(Protocol):
     def apply(self, plan: Any) -> None: ...
 
 
+def slices_in_image(a: Allocator) -> list[Slice]:
+    """The slices the fabric image carries: live and not withdrawn (what the crossbar and
+    the VM hook are given at a sync, and what ``check`` compares them with)."""
+    gone = a.withdrawn
+    return [s for s in a.slices.values() if s.live and s.id not in gone]
+
+
 class ResourceManager:
     """The firmware's Resource Allocation Manager for one device."""
 
@@ -365,15 +372,10 @@ class ResourceManager:
                 with self._lock:
                     if self._version != self._synced_version and attempt < attempts - 1:
                         continue  # changed since the sync: sync again
-                    in_image = [
-                        s
-                        for s in self.allocator.slices.values()
-                        if s.live and s.id not in self.allocator.withdrawn
-                    ]
                     return [
                         *failure,
                         *self.allocator.check_invariants(),
-                        *self.fabric.check(in_image),
+                        *self.fabric.check(slices_in_image(self.allocator)),
                     ]
         return []  # not reached: the last attempt always compares
 
@@ -536,10 +538,7 @@ class ResourceManager:
             hook = self.vm_hook
             vm_plan: Any = None
             if hook is not None:
-                gone = self.allocator.withdrawn
-                vm_plan = hook.plan(
-                    [s for s in self.allocator.slices.values() if s.live and s.id not in gone]
-                )
+                vm_plan = hook.plan(slices_in_image(self.allocator))
         self.fabric.sync(demand)
         if hook is not None:
             hook.apply(vm_plan)

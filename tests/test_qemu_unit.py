@@ -87,7 +87,6 @@ def _vmm(tmp_path: Path, rm: ResourceManager, config: VmConfig) -> QemuVmm:
     vmm = QemuVmm(tmp_path, rm.device)
     # a VM "running" as far as admission and planning go (no QEMU is contacted by them)
     vmm._configs = {config.name: config}
-    vmm._running = frozenset(vmm._configs)
     return vmm
 
 

@@ -54,11 +54,11 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
 
 from firmware.allocator import Allocator
 from firmware.errors import FabricError, InsufficientResources
 from firmware.inventory import Device
+from firmware.manager import slices_in_image
 from firmware.slices import ResizeSpec, Slice, SliceSpec
 from slicefab_qemu.config import (
     NVME_PREFIX,
@@ -271,15 +271,14 @@ class QemuVmm:
         self.watch_interval = watch_interval
         self._lock = threading.RLock()  # serialises everything that talks to a VM
         self._sessions: dict[str, VmSession] = {}
-        #: VMs with a run directory: plan() only looks at their slices
-        self._running: frozenset[str] = frozenset()
+        #: the running VMs (replaced whole, never changed in place): admit() fits their
+        #: hardware, plan() looks at their slices only
         self._configs: dict[str, VmConfig] = {}
         self._seq = itertools.count()
         self._last: Plan = Plan(-1, {})
         self._read: Callable[[Callable[[Allocator], Plan]], Plan] | None = None
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
-        self.failures = 0  # applies that raised (for tests and status)
         self._refresh_running()
 
     # ---------------------------------------------------------------- the hook
@@ -291,8 +290,8 @@ class QemuVmm:
         config = self._configs.get(owner)
         if config is None:
             return  # not a running QEMU VM: nothing to fit
-        have = dict(self._last.vms.get(owner, {}))
-        old = have.get(slice_id, SliceHw()) if slice_id is not None else SliceHw()
+        have = dict(self._last.vms.get(owner, {}))  # less the resized slice, popped next
+        old = have.pop(slice_id, SliceHw()) if slice_id is not None else SliceHw()
         if isinstance(request, SliceSpec):
             new = SliceHw(
                 memory=request.memory.size if request.memory else 0,
@@ -303,8 +302,6 @@ class QemuVmm:
                 memory=old.memory if request.memory is None else request.memory,
                 nvme=old.nvme,
             )
-        if slice_id is not None:
-            have.pop(slice_id, None)
         others = list(have.values())
         memory = sum(h.memory for h in others)
         if memory + new.memory > config.hotplug_memory:
@@ -328,7 +325,7 @@ class QemuVmm:
 
     def plan(self, slices: Iterable[Slice]) -> Plan:
         """What each running VM must have (called under the manager's lock)."""
-        running = self._running
+        running = self._configs
         granule = self.device.granule_bytes
         vms: dict[str, dict[int, SliceHw]] = {vm: {} for vm in running}
         for s in slices:
@@ -359,7 +356,6 @@ class QemuVmm:
                     session.reconcile(plan.vms[vm])
                     session.plan_seq = plan.seq
                 except FabricError as e:
-                    self.failures += 1
                     log.warning("%s", e.message)
                     if vm in changed:
                         errors.append(e.message)
@@ -385,7 +381,6 @@ class QemuVmm:
     def _refresh_running(self) -> list[VmRecord]:
         records = [r for r in list_records(self.state_dir) if r.qemu_pid and r.running]
         self._configs = {r.name: r.vm_config for r in records}
-        self._running = frozenset(self._configs)
         return records
 
     def _sync_sessions(self) -> None:
@@ -408,12 +403,8 @@ class QemuVmm:
             self._sync_sessions()
             new = set(self._sessions) - before
         if new and self._read is not None:
-            def in_image(a: Allocator) -> Plan:
-                gone = a.withdrawn
-                return self.plan(s for s in a.slices.values() if s.live and s.id not in gone)
-
             with contextlib.suppress(FabricError):  # logged; the next sync retries
-                self.apply(self._read(in_image))
+                self.apply(self._read(lambda a: self.plan(slices_in_image(a))))
 
     def _watch(self) -> None:
         while not self._stop.wait(self.watch_interval):
@@ -430,10 +421,3 @@ class QemuVmm:
             for s in self._sessions.values():
                 s.close()
             self._sessions.clear()
-
-    def describe(self) -> dict[str, Any]:
-        with self._lock:
-            return {
-                vm: {"memory": s.hw.memory, "nvme": dict(s.hw.nvme)}
-                for vm, s in self._sessions.items()
-            }

@@ -29,8 +29,6 @@ from typing import Any
 from slicefab_qemu.config import VmConfig, nvme_serial
 from slicefab_qemu.lab import Firmware
 
-MiB = 1 << 20
-
 
 def bench_qemu(quick: bool) -> dict[str, Any]:
     reps = 1 if quick else 5

@@ -51,10 +51,12 @@ def config_from_args(args: argparse.Namespace) -> VmConfig:
     )
 
 
-def up(args: argparse.Namespace, provisioned: list[dict[str, Any]]) -> dict[str, Any]:
-    """Boot the VM and leave it running; returns what ``vm up`` prints. Raises
-    RequestError for a VM that is not provisioned or bad flags, VmError if it cannot
-    boot (nothing is left running then)."""
+def up(
+    args: argparse.Namespace, provisioned: list[dict[str, Any]], credential: Path
+) -> dict[str, Any]:
+    """Boot the VM with ``credential`` (the file ``vm add`` wrote) and leave it running;
+    returns what ``vm up`` prints. Raises RequestError for a VM that is not provisioned
+    or bad flags, VmError if it cannot boot (nothing is left running then)."""
     row = next((v for v in provisioned if v["vm"] == args.vm), None)
     if row is None:
         raise RequestError(
@@ -62,9 +64,7 @@ def up(args: argparse.Namespace, provisioned: list[dict[str, Any]]) -> dict[str,
         )
     from slicefab_qemu.launcher import Vm
 
-    state = Path(args.state_dir)
-    credential = args.credential or state / "vms" / f"{args.vm}.credential.toml"
-    vm = Vm(config_from_args(args), state_dir=state, mailbox=Path(row["mailbox"]),
+    vm = Vm(config_from_args(args), state_dir=Path(args.state_dir), mailbox=Path(row["mailbox"]),
             credential=credential)
     boot_s = vm.up(timeout=args.timeout)
     assert vm.record is not None

@@ -37,10 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from firmware.errors import RequestError
-
-KiB = 1 << 10
-MiB = 1 << 20
-GiB = 1 << 30
+from firmware.units import GiB, KiB, MiB
 
 #: device and object ids (QOM paths are /machine/peripheral/<id>)
 MAILBOX_MEM = "sf-mbox-mem"
@@ -215,6 +212,11 @@ class RunPaths:
     def guest(self) -> Path:
         """Handed to the guest: the credential (0600), read by the guest's init."""
         return self.root / "guest"
+
+    @property
+    def credential(self) -> Path:
+        """The VM's credential in :attr:`guest` (guest/init.sh installs it)."""
+        return self.guest / "credential.toml"
 
     @property
     def tmp(self) -> Path:

@@ -55,28 +55,30 @@ QEMU = "qemu-system-x86_64"
 LOG_TAIL = 3000
 
 
-def _alive(pid: int) -> bool:
-    """Whether ``pid`` runs (a zombie does not: a container's init may never reap it)."""
+def _live_stat(pid: int | str) -> list[str]:
+    """The fields of ``/proc/PID/stat`` after the command name (state, ppid, pgrp, ...);
+    empty if ``pid`` does not run. A zombie does not run: a container's init may never
+    reap it."""
     try:
         with open(f"/proc/{pid}/stat") as f:
-            state = f.read().rsplit(")", 1)[1].split()[0]
+            fields = f.read().rsplit(")", 1)[1].split()
     except (OSError, IndexError):
-        return False
-    return state not in ("Z", "X")
+        return []
+    return fields if fields and fields[0] not in ("Z", "X") else []
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs."""
+    return bool(_live_stat(pid))
 
 
 def _group_alive(pgid: int) -> bool:
     """Whether any live process is in process group ``pgid``."""
     for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if len(fields) > 2 and int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
-            return True
+        if entry.isdigit():
+            fields = _live_stat(entry)
+            if len(fields) > 2 and int(fields[2]) == pgid:
+                return True
     return False
 
 
@@ -148,9 +150,13 @@ def _tail(path: Path, n: int = LOG_TAIL) -> str:
     return data[-n:].decode(errors="replace")
 
 
+def _search_path() -> str:
+    """``PATH`` with this Python's bin directory first (the venv's ``vng``)."""
+    return os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
+
+
 def _which(cmd: str) -> str | None:
-    venv_bin = os.path.dirname(sys.executable)
-    return shutil.which(cmd, path=os.pathsep.join([venv_bin, os.environ.get("PATH", "")]))
+    return shutil.which(cmd, path=_search_path())
 
 
 def _precompile() -> None:
@@ -205,7 +211,7 @@ class Vm:
             record.vm_config,
             state_dir=state_dir,
             mailbox=Path(record.mailbox),
-            credential=record.paths.guest / "credential.toml",
+            credential=record.paths.credential,
         )
         vm.record = record
         return vm
@@ -219,7 +225,7 @@ class Vm:
         missing, the mailbox is unusable, or the guest did not come up: the message ends
         with the console log's tail). On any failure everything started is stopped."""
         self.run.check()
-        existing = find_record(self.state_dir, self.config.name) if self.run.root.exists() else None
+        existing = find_record(self.state_dir, self.config.name)
         if existing is not None and existing.running:
             raise VmError(
                 f"VM {self.config.name} is already running (process group {existing.pgid}); "
@@ -256,10 +262,10 @@ class Vm:
     def _launch(self, argv: list[str], timeout: float) -> float:
         for d in (self.run.root, self.run.guest, self.run.tmp):
             d.mkdir(parents=True, exist_ok=True, mode=0o700)
-        shutil.copyfile(self.credential, self.run.guest / "credential.toml")
-        os.chmod(self.run.guest / "credential.toml", 0o600)
+        shutil.copyfile(self.credential, self.run.credential)
+        os.chmod(self.run.credential, 0o600)
         env = dict(os.environ)
-        env["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), env.get("PATH", "")])
+        env["PATH"] = _search_path()
         env["TMPDIR"] = str(self.run.tmp)
         started = time.time()
         t0 = time.monotonic()
@@ -376,9 +382,6 @@ class Vm:
                 closer.close()
         self._runner = self._agent = self._qmp = None
         self._proc = None
-
-    def console_tail(self, n: int = LOG_TAIL) -> str:
-        return _tail(self.run.log, n)
 
     # ------------------------------------------------------------------ down
 

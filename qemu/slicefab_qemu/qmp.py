@@ -47,6 +47,8 @@ class QmpChannel:
         self._closed = False
 
     def _run(self, coro: Coroutine[Any, Any, T], timeout: float, what: str) -> T:
+        """Run ``coro`` on the loop thread. Raises VmError on a time-out or a closed
+        channel (qemu.qmp's own errors pass through)."""
         if self._closed:
             coro.close()
             raise VmError(f"{what}: the channel to {self.path} is closed")
@@ -81,12 +83,20 @@ class QmpChannel:
 
         Raises QmpFailure when QEMU answers with an error (its class and description are
         kept), VmError on a time-out or a lost connection."""
+        return self._command(
+            command,
+            self._client.execute(command, dict(arguments) if arguments else None),
+            timeout,
+            command,
+        )
+
+    def _command(
+        self, command: str, coro: Coroutine[Any, Any, T], timeout: float, what: str
+    ) -> T:
+        """:meth:`_run` for a QMP command: QEMU's error answer becomes QmpFailure, any
+        other qemu.qmp error VmError."""
         try:
-            return self._run(
-                self._client.execute(command, dict(arguments) if arguments else None),
-                timeout,
-                command,
-            )
+            return self._run(coro, timeout, what)
         except ExecuteError as e:
             raise QmpFailure(command, e.error_class, e.error.error.desc) from None
         except QMPError as e:
@@ -126,12 +136,7 @@ class QmpChannel:
                     ):
                         return dict(data)
 
-        try:
-            return self._run(go(), timeout, f"{command} (waiting for {event})")
-        except ExecuteError as e:
-            raise QmpFailure(command, e.error_class, e.error.error.desc) from None
-        except QMPError as e:
-            raise VmError(f"{command}: {self.path}: {e}") from e
+        return self._command(command, go(), timeout, f"{command} (waiting for {event})")
 
     def close(self) -> None:
         """Disconnect and stop the loop thread. Idempotent; never raises."""
@@ -170,9 +175,6 @@ class GuestAgent:
 
     def connect(self, timeout: float) -> None:
         self.channel.connect(timeout)
-
-    def ping(self, timeout: float) -> None:
-        self.channel.execute("guest-ping", timeout=timeout)
 
     def spawn(self, argv: Sequence[str], *, capture: bool = True) -> int:
         """Start ``argv`` in the guest without waiting; returns its guest pid."""

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import signal
-import sys
 import time
 from types import FrameType
 
@@ -56,7 +55,3 @@ def run(period: float) -> int:
         flush=True,
     )
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(run(float(sys.argv[1]) if len(sys.argv) > 1 else 0.01))
