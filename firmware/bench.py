@@ -22,6 +22,7 @@ any machine. Keys say what and in which unit (``ops_per_s``, ``p99_us``, ``ratio
 from __future__ import annotations
 
 import contextlib
+import importlib
 import random
 import tempfile
 import threading
@@ -256,8 +257,24 @@ def bench_alloc(quick: bool) -> dict[str, Any]:
 
 BENCHES: dict[str, Callable[[bool], dict[str, Any]]] = {"alloc": bench_alloc}
 
+#: benchmarks in modules of their own, imported only when run: they need what the others
+#: do not (prometheus_client, simulators, QEMU guests)
+LAZY_BENCHES: dict[str, tuple[str, str]] = {
+    "metrics": ("firmware.bench_metrics", "bench_metrics"),  # issue 8, telemetry
+    "rtl": ("firmware.bench_rtl", "bench_rtl"),  # issue 4: builds and runs simulations
+    "qemu": ("slicefab_qemu.bench", "bench_qemu"),  # issue 6: boots guests
+}
+
+
+def bench_names() -> list[str]:
+    return [*BENCHES, *LAZY_BENCHES]
+
 
 def run_bench(name: str, *, quick: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Run benchmark ``name`` (one of :func:`bench_names`); raises KeyError for another."""
+    if name not in BENCHES:
+        module, func = LAZY_BENCHES[name]
+        BENCHES[name] = getattr(importlib.import_module(module), func)
     if progress:
         print(f"running bench {name}{' (quick)' if quick else ''} ...", flush=True)
     return BENCHES[name](quick)
@@ -642,8 +659,3 @@ def bench_fastpath(quick: bool) -> dict[str, Any]:
 
 
 BENCHES["fastpath"] = bench_fastpath
-
-# issue 8, telemetry: the request hook's and a scrape's cost (firmware/bench_metrics.py)
-from firmware.bench_metrics import bench_metrics  # noqa: E402  (imports this module lazily)
-
-BENCHES["metrics"] = bench_metrics

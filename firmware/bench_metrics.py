@@ -24,6 +24,7 @@ from prometheus_client import generate_latest
 from abi.commands import Role, encode_request
 from abi.envelope import REQUEST_DOMAIN, seal
 from firmware.api import Api, Channel
+from firmware.bench import TARGET_LIVE, VMS, random_spec
 from firmware.errors import AllocationError
 from firmware.manager import StateDir, open_manager
 from firmware.metrics import DaemonMetrics
@@ -37,8 +38,6 @@ def _p50_us(samples: list[float]) -> float:
 
 
 def bench_metrics(quick: bool) -> dict[str, Any]:
-    from firmware.bench import TARGET_LIVE, VMS, random_spec  # here: bench imports us
-
     n = 2_000 if quick else 20_000
     scrapes = 5 if quick else 30
     with tempfile.TemporaryDirectory(prefix="slicefab-bench-metrics-") as tmp:

@@ -484,18 +484,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from firmware.bench import BENCHES, run_bench
+    from firmware.bench import bench_names, run_bench
 
-    if args.name == "qemu":  # boots guests: registered only when asked for
-        from slicefab_qemu.bench import bench_qemu
-
-        BENCHES["qemu"] = bench_qemu
-    if args.name == "rtl":  # builds and runs simulations: registered only when asked for
-        from firmware.bench_rtl import bench_rtl
-
-        BENCHES["rtl"] = bench_rtl
-    if args.name not in BENCHES:
-        err_console.print(f"slicefab: unknown benchmark {args.name!r}; known: {', '.join(BENCHES)}")
+    if args.name not in bench_names():
+        err_console.print(
+            f"slicefab: unknown benchmark {args.name!r}; known: {', '.join(bench_names())}"
+        )
         return 2
     figures = run_bench(args.name, quick=args.quick, progress=not args.json)
     if args.json:
@@ -694,7 +688,9 @@ def build_parser() -> argparse.ArgumentParser:
     dm.set_defaults(func=cmd_demo)
 
     b = sub.add_parser("bench", parents=[common], help="run a benchmark, print its figures")
-    b.add_argument("name", help="alloc, mailbox, qemu or fastpath")
+    b.add_argument(
+        "name", help="alloc, mailbox, fastpath, metrics, rtl or qemu (docs/benchmarks.md)"
+    )
     b.add_argument("--quick", action="store_true", help="shorter run (for tests)")
     b.set_defaults(func=cmd_bench)
     return p
