@@ -331,7 +331,7 @@ class Allocator:
     def release(self, slice_id: int) -> Slice:
         """Give back every unit of a slice and forget it; the slice ends ``FREED``.
         (The manager withdraws it and re-programs the fabric first.)"""
-        s = self.slices.get(slice_id) or self.get(slice_id)
+        s = self.get(slice_id)
         if s.state is not SliceState.RELEASING:
             s.transition(SliceState.RELEASING)
         a = s.alloc

@@ -29,9 +29,9 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any, Final
 
 from firmware.errors import ConfigError, FabricError
+from firmware.fabric.image import ImagePlanner, PortDemand, check_demand
 
 if TYPE_CHECKING:
-    from firmware.fabric.image import ImagePlanner, PortDemand
     from firmware.inventory import Device
 
 ENV: Final = "SLICEFAB_FASTPATH"
@@ -251,13 +251,7 @@ class CImagePlanner:
         return oid
 
     def _copy_demand(self, demand: Sequence[PortDemand]) -> None:
-        if len(demand) != self.n_ports:
-            raise FabricError(
-                f"demand for {len(demand)} ports, the crossbar has {self.n_ports}",
-                field="demand",
-                value=len(demand),
-                expected=self.n_ports,
-            )
+        check_demand(demand, self.n_ports)
         last, cd = self._last, self._demand
         for p, d in enumerate(demand):
             if d is last[p]:
@@ -282,13 +276,17 @@ class CImagePlanner:
         applied to the one ``demand`` implies. Raises :class:`FabricError` for demand the
         crossbar cannot encode (C bounds checks)."""
         self._copy_demand(demand)
-        ffi, lib = self._ffi, self._lib
-        rc = lib.sf_xbar_reconfigure(
+        return self._reconfigure()
+
+    def _reconfigure(self) -> list[tuple[int, int]]:
+        """One C call: the image of the demand in C into the target, and the write list from
+        the current image to it."""
+        rc = self._lib.sf_xbar_reconfigure(
             self._params,
             self._demand,
             self.n_ports,
             self._current,
-            ffi.NULL if self._all_known else self._known,
+            self._ffi.NULL if self._all_known else self._known,
             self._target,
             self._regs,
             self._writes,
@@ -314,17 +312,16 @@ class CImagePlanner:
         )
         if rc:
             raise fabric_error(self._err, "register image")
+        return self._target_image()
+
+    def _target_image(self) -> dict[int, int]:
         t = self._target
         return {addr: t[i] for i, addr in enumerate(self._addr)}
 
 
 def image_planner(device: Device) -> ImagePlanner | CImagePlanner:
     """The planner the fabric driver uses: C unless ``SLICEFAB_FASTPATH=0``."""
-    if enabled():
-        return CImagePlanner(device)
-    from firmware.fabric.image import ImagePlanner
-
-    return ImagePlanner(device)
+    return CImagePlanner(device) if enabled() else ImagePlanner(device)
 
 
 def image_from_slices(
@@ -338,15 +335,10 @@ def image_from_slices(
     ``register_image`` + ``diff`` (what the differential tests compare).
 
     Raises :class:`FabricError` naming the slice and field that is out of range."""
-    mod = extension()
-    ffi, lib = mod.ffi, mod.lib
-    xb = device.crossbar
-    params = ffi.new(
-        "sf_xbar_params *", (xb.ports, device.keys, xb.port_mbps, xb.clock_mhz, xb.data_bytes)
-    )
+    planner = CImagePlanner(device)
+    ffi, lib, err = planner._ffi, planner._lib, planner._err
     owners: dict[str, int] = {}
     table = ffi.new("sf_slice[]", max(1, len(slices)))
-    err = ffi.new("sf_error *")
     for i, (owner, prio, g, m, key, ports) in enumerate(slices):
         mask = 0
         for p in ports:
@@ -357,23 +349,11 @@ def image_from_slices(
             table[i] = (owners.setdefault(owner, len(owners)), prio, g, m, key, mask)
         except (OverflowError, TypeError) as e:
             raise FabricError(f"slice {i}: a field does not fit ({e})", index=i) from None
-    demand = ffi.new("sf_port_demand[]", xb.ports)
-    if lib.sf_xbar_demand(params, table, len(slices), demand, xb.ports, err):
-        raise fabric_error(err, "slice table")
-    regs = xb.ports * lib.SF_SHADOW_REGS
-    addrs = [
-        lib.sf_xbar_shadow_addr(p, r) for p in range(xb.ports) for r in range(lib.SF_SHADOW_REGS)
-    ]
-    cur = ffi.new("uint32_t[]", [current.get(a, 0) for a in addrs])
-    known = ffi.new("uint8_t[]", [a in current for a in addrs])
-    target = ffi.new("uint32_t[]", regs)
-    writes = ffi.new("sf_reg_write[]", regs)
-    n = ffi.new("uint32_t *")
-    if lib.sf_xbar_reconfigure(
-        params, demand, xb.ports, cur, known, target, regs, writes, regs, n, err
+    # the demand straight into the planner's C array, then its one reconfiguration call
+    if lib.sf_xbar_demand(
+        planner._params, table, len(slices), planner._demand, planner.n_ports, err
     ):
-        raise fabric_error(err, "register image")
-    return (
-        {a: target[i] for i, a in enumerate(addrs)},
-        [(writes[i].addr, writes[i].value) for i in range(n[0])],
-    )
+        raise fabric_error(err, "slice table")
+    planner.load(current)
+    writes = planner._reconfigure()
+    return planner._target_image(), writes

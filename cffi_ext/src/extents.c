@@ -45,20 +45,13 @@ static uint32_t next_pri(sf_extents *e) {
     return e->rng = x;
 }
 
+/* a node from the free list or the pool's spare room, which reserve() made beforehand */
 static int32_t node_new(sf_extents *e, uint64_t key, uint32_t val) {
     int32_t i;
     if (e->free_list != NIL) {
         i = e->free_list;
         e->free_list = e->pool[i].left;
     } else {
-        if (e->used == e->cap) {
-            if (e->cap > INT32_MAX / 2) return NIL;
-            const int32_t cap = e->cap ? e->cap * 2 : 64;
-            node *pool = realloc(e->pool, sizeof(node) * (size_t)cap);
-            if (!pool) return NIL;
-            e->pool = pool;
-            e->cap = cap;
-        }
         i = e->used++;
     }
     e->pool[i] = (node){key, val, next_pri(e), NIL, NIL};
@@ -156,8 +149,9 @@ static uint64_t size_key(uint32_t length, uint32_t start) {
     return (uint64_t)length << 32 | start;
 }
 
-/* Pool nodes for an insert are reserved first, so that an operation never fails half-way:
- * every mutation below needs at most two new nodes per extent it touches. */
+/* Pool nodes are reserved first (the pool grows only here), so that an operation never fails
+ * half-way: a free extent is two nodes (one per index), and every mutation below adds at most
+ * one free extent (two nodes) per extent it touches. */
 static int reserve(sf_extents *e, int64_t nodes) {
     int64_t spare = e->cap - e->used;
     for (int32_t i = e->free_list; i != NIL && spare < nodes; i = e->pool[i].left) spare++;
@@ -174,7 +168,7 @@ static int reserve(sf_extents *e, int64_t nodes) {
 }
 
 static void ext_insert(sf_extents *e, uint32_t start, uint32_t length) {
-    const int32_t a = node_new(e, start, length); /* reserve() made room for both */
+    const int32_t a = node_new(e, start, length);
     t_insert(e->pool, &e->by_start, a);
     const int32_t b = node_new(e, size_key(length, start), 0);
     t_insert(e->pool, &e->by_size, b);
@@ -439,7 +433,7 @@ int sf_extents_give(sf_extents *e, const sf_extent *ext, uint32_t n, sf_error *e
             free(s);
             return SF_ECONFLICT;
         }
-    if (!reserve(e, (int64_t)n)) { /* a give inserts one merged extent */
+    if (!reserve(e, 2 * (int64_t)n)) { /* a give inserts one merged extent: two nodes */
         free(s);
         return sf_fail(err, SF_ENOMEM, SF_F_NONE, -1, 0, 0);
     }

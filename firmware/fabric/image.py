@@ -172,6 +172,17 @@ def permission_of(image: Mapping[int, int], port: int) -> int:
     return lo | hi << 32
 
 
+def check_demand(demand: Sequence[PortDemand], n_ports: int) -> None:
+    """Raises :class:`FabricError` unless ``demand`` has one entry per crossbar port."""
+    if len(demand) != n_ports:
+        raise FabricError(
+            f"demand for {len(demand)} ports, the crossbar has {n_ports}",
+            field="demand",
+            value=len(demand),
+            expected=n_ports,
+        )
+
+
 class ImagePlanner:
     """Plans reconfigurations: the minimal write list from what the crossbar holds to what
     the demand implies (the Python reference; :class:`firmware.fastpath.CImagePlanner` is
@@ -202,14 +213,7 @@ class ImagePlanner:
         """The registers whose value differs, in address order (no commit).
 
         Raises :class:`FabricError` if ``demand`` does not have one entry per port."""
-        n = self.device.crossbar.ports
-        if len(demand) != n:
-            raise FabricError(
-                f"demand for {len(demand)} ports, the crossbar has {n}",
-                field="demand",
-                value=len(demand),
-                expected=n,
-            )
+        check_demand(demand, self.device.crossbar.ports)
         configs = port_configs(self.device, demand)
         writes: list[tuple[int, int]] = []
         for p, cfg in enumerate(configs):

@@ -296,10 +296,8 @@ class CoreAllocator:
         given = list(ids)
         for core in given:
             self._check_id(core)
-        if len(set(given)) == len(given):
-            return sorted(given)
-        twice = sorted(core for core, n in Counter(given).items() if n > 1)
-        if twice:
+        if len(set(given)) != len(given):
+            twice = sorted(core for core, n in Counter(given).items() if n > 1)
             raise RequestError(
                 "cores.ids",
                 f"core{'s' if len(twice) > 1 else ''} {_id_list(twice)} given more than once",

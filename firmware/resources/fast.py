@@ -49,21 +49,30 @@ def _ints(values: Sequence[Any]) -> bool:
     return all(type(v) is int for v in values)
 
 
+class _Scratch:
+    """A C array of ``ctype`` reused between calls, grown (doubling) when one needs more."""
+
+    def __init__(self, ffi: Any, ctype: str) -> None:
+        self._ffi, self._ctype = ffi, ctype
+        self.cap = 64
+        self._array = ffi.new(ctype, self.cap)
+
+    def get(self, n: int) -> Any:
+        """The array, with room for at least ``n`` elements (``cap`` of them)."""
+        if n > self.cap:
+            self.cap = max(n, 2 * self.cap)
+            self._array = self._ffi.new(self._ctype, self.cap)
+        return self._array
+
+
 class _CState:
-    """The compiled module, one error record, and scratch buffers grown on demand."""
+    """The compiled module, one error record, and a scratch array of uint32_t."""
 
     def __init__(self) -> None:
         mod = extension()
         self.ffi, self.lib = mod.ffi, mod.lib
         self.err = self.ffi.new("sf_error *")
-        self._u32 = self.ffi.new("uint32_t[]", 64)
-        self._u32_cap = 64
-
-    def u32(self, n: int) -> Any:
-        if n > self._u32_cap:
-            self._u32_cap = max(n, 2 * self._u32_cap)
-            self._u32 = self.ffi.new("uint32_t[]", self._u32_cap)
-        return self._u32
+        self.u32 = _Scratch(self.ffi, "uint32_t[]")
 
     def check_new(self, obj: Any, what: str) -> Any:
         if obj == self.ffi.NULL:
@@ -105,7 +114,7 @@ class CCoreAllocator(CoreAllocator):
     def free_ids(self) -> list[int]:
         c = self._c
         n = int(c.lib.sf_cores_free_count(self._state))
-        out = c.u32(max(1, n))
+        out = c.u32.get(max(1, n))
         if c.lib.sf_cores_free_ids(self._state, out, max(1, n), self._one, c.err):
             raise _disagree(c.err, "free_ids")
         return list(out[0 : self._one[0]])
@@ -123,7 +132,7 @@ class CCoreAllocator(CoreAllocator):
             if same_cluster
             else lib.SF_CORES_PACK
         )
-        out = c.u32(count)
+        out = c.u32.get(count)
         rc = lib.sf_cores_allocate(self._state, count, mode, cluster or 0, out, count, c.err)
         if rc == lib.SF_ENOSPC:
             raise self._no_cores(count, same_cluster, cluster)
@@ -137,7 +146,7 @@ class CCoreAllocator(CoreAllocator):
             return  # nothing to take or give (the reference accepts an empty list too)
         c = self._c
         if _ints(given):
-            buf = c.u32(len(given))
+            buf = c.u32.get(len(given))
             try:
                 for i, core in enumerate(given):
                     buf[i] = core
@@ -181,7 +190,7 @@ class CLaneAllocator(LaneAllocator):
         self._one = c.ffi.new("uint32_t *")
         self._two = c.ffi.new("uint32_t *")
         self._flag = c.ffi.new("int *")
-        self._exclude_key: object = None
+        self._exclude_key: frozenset[int] | None = None  # what _exclude holds, checked
         self._exclude: Any = c.ffi.NULL
         self._n_exclude = 0
 
@@ -227,13 +236,13 @@ class CLaneAllocator(LaneAllocator):
     def allocate(
         self, width: int, *, port: int | None = None, exclude: Collection[int] = ()
     ) -> LaneGroup:
-        if isinstance(exclude, frozenset) and exclude == self._exclude_key:
-            # checked when it was converted (the allocator passes the same endpoint lanes)
-            if port is not None:
-                self._check_port(port)
-            self._check_width(width, port)
-        else:
-            excluded = self._check_allocate(width, port, exclude)
+        # the reference's checks, in its order
+        if port is not None:
+            self._check_port(port)
+        self._check_width(width, port)
+        if not (isinstance(exclude, frozenset) and exclude == self._exclude_key):
+            # converted once (the allocator passes the same endpoint lanes every time)
+            excluded = self._check_exclude(exclude)
             lanes = sorted(excluded)
             self._exclude = self._c.ffi.new("uint32_t[]", lanes) if lanes else self._c.ffi.NULL
             self._n_exclude = len(lanes)
@@ -250,8 +259,8 @@ class CLaneAllocator(LaneAllocator):
             c.err,
         )
         if rc == c.lib.SF_ENOSPC:
-            excluded = frozenset(self._exclude[i] for i in range(self._n_exclude))
-            raise self._no_group(width, port, excluded, int(c.err.limit))
+            assert self._exclude_key is not None
+            raise self._no_group(width, port, self._exclude_key, int(c.err.limit))
         if rc:
             raise _disagree(c.err, "a lane request")
         return LaneGroup(int(self._one[0]), int(self._two[0]), width)
@@ -287,16 +296,9 @@ class CExtentAllocator(ExtentAllocator):
         del self._by_start, self._by_size, self._free
         self._c = c = _CState()
         self._state = c.check_new(c.lib.sf_extents_new(total_granules, c.err), "extents")
-        self._buf = c.ffi.new("sf_extent[]", 64)
-        self._cap = 64
+        self._extents = _Scratch(c.ffi, "sf_extent[]")
         self._n = c.ffi.new("uint32_t *")
         self._flag = c.ffi.new("int *")
-
-    def _extents(self, n: int) -> Any:
-        if n > self._cap:
-            self._cap = max(n, 2 * self._cap)
-            self._buf = self._c.ffi.new("sf_extent[]", self._cap)
-        return self._buf
 
     @property
     def free_granules(self) -> int:
@@ -309,7 +311,7 @@ class CExtentAllocator(ExtentAllocator):
     def free_extents(self) -> list[Extent]:
         c = self._c
         n = int(c.lib.sf_extents_count(self._state))
-        buf = self._extents(max(1, n))
+        buf = self._extents.get(max(1, n))
         if c.lib.sf_extents_list(self._state, buf, max(1, n), self._n, c.err):
             raise _disagree(c.err, "free_extents")
         return [Extent(buf[i].start, buf[i].length) for i in range(self._n[0])]
@@ -333,9 +335,6 @@ class CExtentAllocator(ExtentAllocator):
             raise _disagree(c.err, "an extent")
         return bool(self._flag[0])
 
-    def _overlaps_free(self, extent: Extent) -> bool:
-        return self.any_free(extent)
-
     def __repr__(self) -> str:
         return (
             f"CExtentAllocator(total={self._total}, free={self.free_granules}, "
@@ -353,11 +352,11 @@ class CExtentAllocator(ExtentAllocator):
         c = self._c
         lib = c.lib
         # at most one extent per free extent: the buffer never needs more than the total
-        buf = self._extents(min(max_extents, self._total))
+        most = min(max_extents, self._total)
+        buf = self._extents.get(most)
         rc = lib.sf_extents_allocate(
-            self._state, granules, contiguous, min(max_extents, self._total), buf, self._cap,
-            self._n, c.err,
-        )  # fmt: skip
+            self._state, granules, contiguous, most, buf, self._extents.cap, self._n, c.err
+        )
         if rc == 0:
             n = self._n[0]
             if n == 1:  # the usual answer: one extent
@@ -372,7 +371,7 @@ class CExtentAllocator(ExtentAllocator):
 
     def _fill(self, given: Sequence[Any]) -> Any:
         """The extents in the C buffer, or None if one is not a plain in-range Extent."""
-        buf = self._extents(max(1, len(given)))
+        buf = self._extents.get(max(1, len(given)))
         total = self._total
         for i, e in enumerate(given):
             if type(e) is not Extent or e.start + e.length > total:
@@ -426,4 +425,3 @@ class CExtentAllocator(ExtentAllocator):
         if rc:
             raise _disagree(c.err, "an extent")
         return Extent(extent.start, extent.length + granules) if self._flag[0] else None
-

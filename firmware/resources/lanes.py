@@ -206,7 +206,10 @@ class LaneAllocator:
                 the widest free aligned group the same request could get (0 if none); the
                 message says "no free naturally aligned x{width} group".
         """
-        excluded = self._check_allocate(width, port, exclude)
+        if port is not None:
+            self._check_port(port)
+        self._check_width(width, port)
+        excluded = self._check_exclude(exclude)
         ports = range(len(self._port_lanes)) if port is None else (port,)
 
         best: tuple[bool, int, int] | None = None
@@ -224,16 +227,6 @@ class LaneAllocator:
             raise self._no_group(width, port, excluded, largest)
         self._hold(best_group)
         return best_group
-
-    def _check_allocate(
-        self, width: int, port: int | None, exclude: Collection[int]
-    ) -> frozenset[int]:
-        """The state-independent checks of :meth:`allocate` (shared with the C fast path);
-        returns the excluded lanes."""
-        if port is not None:
-            self._check_port(port)
-        self._check_width(width, port)
-        return self._check_exclude(exclude)
 
     def allocate_exact(self, group: LaneGroup) -> None:
         """Take exactly ``group`` (a link pinned to an endpoint, or ledger recovery).

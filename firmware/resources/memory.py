@@ -286,8 +286,7 @@ class ExtentAllocator:
         self._check_count("memory", granules, limit=None)
         if self._overlaps_free(extent):
             raise _extend_free(extent)
-        following = self._by_start.get(extent.end)
-        if following is None or following < granules:
+        if self.free_run_at(extent.end) < granules:
             return None
         self._take(Extent(extent.end, granules))
         return Extent(extent.start, extent.length + granules)
