@@ -66,7 +66,8 @@ ALLOC = ("alloc", "--owner", "vm-a", "--memory", "64MiB", "--cores", "2", "--req
 @pytest.mark.parametrize(
     ("point", "applied"),
     [("ledger.before_write", False), ("ledger.before_commit", False),
-     ("ledger.after_commit", True), ("reply.before_send", True)],
+     ("ledger.after_commit", True), ("fabric.after_writes", True),
+     ("fabric.after_commit", True), ("reply.before_send", True)],
 )  # fmt: skip
 def test_a_daemon_killed_mid_allocation_recovers_all_or_nothing(
     tmp_path: Path, point: str, applied: bool
@@ -90,3 +91,24 @@ def test_a_daemon_killed_mid_allocation_recovers_all_or_nothing(
             assert again[0]["alloc"] == slices[0]["alloc"]
     finally:
         daemon.stop()
+
+
+def test_a_fabric_error_failpoint_is_a_refused_reconfiguration(tmp_path: Path) -> None:
+    """error at a fabric point is a bus error: the allocation is refused and rolled back,
+    and the next reconfiguration puts the crossbar right."""
+    from firmware.errors import FabricError
+    from firmware.manager import StateDir, open_manager
+    from firmware.slices import SliceSpec
+
+    state = StateDir(tmp_path / "state")
+    m = open_manager(state)
+    try:
+        failpoints.arm("fabric.after_writes=error")
+        spec = SliceSpec.from_dict({"owner": "vm-a", "memory": {"size": "64MiB"}})
+        with pytest.raises(FabricError, match=r"fabric\.after_writes"):
+            m.allocate(spec)
+        assert m.allocate(spec)["state"] == "active"  # disarmed: the retry goes through
+        assert m.check_invariants() == []
+    finally:
+        m.close()
+        state.unlock()

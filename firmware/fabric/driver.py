@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from abi import regmap as rm
-from firmware import fastpath
+from firmware import failpoints, fastpath
 from firmware.errors import FabricError
 from firmware.fabric import image as img
 from firmware.fabric.bus import RegisterBus
@@ -120,10 +120,16 @@ class FabricDriver:
         writes = self._planner.plan(demand)
         if writes:
             try:
+                if failpoints.armed:
+                    failpoints.hit("fabric.before_writes", FabricError)
                 for addr, value in writes:
                     self.bus.write(addr, value)
+                if failpoints.armed:
+                    failpoints.hit("fabric.after_writes", FabricError)
                 self.bus.write(rm.CTRL_OFFSET, rm.CTRL_COMMIT_MASK)
                 self.generation = (self.generation + 1) & rm.GEN_COMMITTED_MASK
+                if failpoints.armed:
+                    failpoints.hit("fabric.after_commit", FabricError)
                 self._wait_adopted()
             except BaseException:
                 self._forget_programmed()
