@@ -87,6 +87,11 @@ module slicefab_xbar #(
     localparam [MAX_PORTS-1:0] OUT_EXISTS =
         (N_PORTS >= MAX_PORTS) ? {MAX_PORTS{1'b1}} : ((64'd1 << N_PORTS) - 64'd1);
     localparam [15:0] KEY_EXISTS = (N_KEYS >= 16) ? 16'hFFFF : ((16'd1 << N_KEYS) - 16'd1);
+    // one input's configuration, packed so that a commit stages and adopts it whole:
+    // {perm, keys, weight (0 already counted as 1), rate, burst, enable, generation}
+    localparam integer CFG_WIDTH = MAX_PORTS + 16 + 8 + 32 + 24 + 1 + 16;
+    localparam [CFG_WIDTH-1:0] CFG_RESET =
+        {{MAX_PORTS{1'b0}}, 16'd0, 8'd1, 32'd0, 24'd0, 1'b0, 16'd0};
 
     // ------------------------------------------------------------------------------------
     // register block (generated) and its AXI4-Lite front end
@@ -171,23 +176,19 @@ module slicefab_xbar #(
     // ------------------------------------------------------------------------------------
     // per-input state
     // ------------------------------------------------------------------------------------
-    // ACTIVE configuration (the one packets are routed, checked and shaped under)
-    reg [MAX_PORTS-1:0]   act_perm [N_PORTS-1:0];
-    reg [15:0]            act_keys [N_PORTS-1:0];
-    reg [7:0]             act_weight [N_PORTS-1:0];  // 0 already counted as 1
-    reg [31:0]            act_rate [N_PORTS-1:0];
-    reg [23:0]            act_burst [N_PORTS-1:0];
-    reg                   act_enable [N_PORTS-1:0];
-    reg [15:0]            act_gen [N_PORTS-1:0];
-    // STAGED configuration (copied from the shadow registers at CTRL.commit)
+    // ACTIVE configuration (the one packets are routed, checked and shaped under) and
+    // STAGED one (copied from the shadow registers at CTRL.commit)
+    reg [CFG_WIDTH-1:0]   act_cfg [N_PORTS-1:0];
+    reg [CFG_WIDTH-1:0]   stg_cfg [N_PORTS-1:0];
     reg                   stg_valid [N_PORTS-1:0];
-    reg [MAX_PORTS-1:0]   stg_perm [N_PORTS-1:0];
-    reg [15:0]            stg_keys [N_PORTS-1:0];
-    reg [7:0]             stg_weight [N_PORTS-1:0];
-    reg [31:0]            stg_rate [N_PORTS-1:0];
-    reg [23:0]            stg_burst [N_PORTS-1:0];
-    reg                   stg_enable [N_PORTS-1:0];
-    reg [15:0]            stg_gen [N_PORTS-1:0];
+    // the fields of act_cfg
+    wire [MAX_PORTS-1:0]  act_perm [N_PORTS-1:0];
+    wire [15:0]           act_keys [N_PORTS-1:0];
+    wire [7:0]            act_weight [N_PORTS-1:0];
+    wire [31:0]           act_rate [N_PORTS-1:0];
+    wire [23:0]           act_burst [N_PORTS-1:0];
+    wire                  act_enable [N_PORTS-1:0];
+    wire [15:0]           act_gen [N_PORTS-1:0];
     // packet in flight: busy, dropped (drained) or forwarded to `sel`
     reg [N_PORTS-1:0]     busy;
     reg [N_PORTS-1:0]     dropping;
@@ -231,6 +232,18 @@ module slicefab_xbar #(
             wire                  valid = s_axis_tvalid[gi];
             wire                  last = s_axis_tlast[gi];
             wire [8:0]            nbytes = popcount(s_axis_tkeep[gi*KEEP_WIDTH +: KEEP_WIDTH]);
+            assign {act_perm[gi], act_keys[gi], act_weight[gi], act_rate[gi], act_burst[gi],
+                    act_enable[gi], act_gen[gi]} = act_cfg[gi];
+            // the shadow registers as the configuration of the generation a commit creates
+            wire [CFG_WIDTH-1:0]  committing = {
+                {sh_perm_hi[gi], sh_perm_lo[gi]} & OUT_EXISTS,
+                sh_keys[gi] & KEY_EXISTS,
+                (sh_weight[gi] == 8'd0) ? 8'd1 : sh_weight[gi],
+                sh_rate[gi],
+                sh_burst[gi],
+                sh_enable[gi],
+                committed + 16'd1
+            };
             // 1. refill (computed every cycle; the register keeps the post-transfer value)
             wire [TOKEN_WIDTH:0]  sum = {1'b0, tokens[gi]} + {{(TOKEN_WIDTH-31){1'b0}}, act_rate[gi]};
             wire [TOKEN_WIDTH-1:0] cap = {act_burst[gi], {TOKEN_SHIFT{1'b0}}};
@@ -267,21 +280,9 @@ module slicefab_xbar #(
 
             always @(posedge clk) begin
                 if (rst) begin
-                    act_perm[gi] <= {MAX_PORTS{1'b0}};
-                    act_keys[gi] <= 16'd0;
-                    act_weight[gi] <= 8'd1;
-                    act_rate[gi] <= 32'd0;
-                    act_burst[gi] <= 24'd0;
-                    act_enable[gi] <= 1'b0;
-                    act_gen[gi] <= 16'd0;
+                    act_cfg[gi] <= CFG_RESET;
+                    stg_cfg[gi] <= CFG_RESET;
                     stg_valid[gi] <= 1'b0;
-                    stg_perm[gi] <= {MAX_PORTS{1'b0}};
-                    stg_keys[gi] <= 16'd0;
-                    stg_weight[gi] <= 8'd1;
-                    stg_rate[gi] <= 32'd0;
-                    stg_burst[gi] <= 24'd0;
-                    stg_enable[gi] <= 1'b0;
-                    stg_gen[gi] <= 16'd0;
                     busy[gi] <= 1'b0;
                     dropping[gi] <= 1'b0;
                     sel[gi] <= {IDX_WIDTH{1'b0}};
@@ -311,34 +312,10 @@ module slicefab_xbar #(
                         if (stall) cnt_stalls[gi] <= cnt_stalls[gi] + 32'd1;
                     end
                     // commit: stage the shadow registers; adopt at the packet boundary
-                    if (ctrl_commit) begin
-                        stg_perm[gi] <= {sh_perm_hi[gi], sh_perm_lo[gi]} & OUT_EXISTS;
-                        stg_keys[gi] <= sh_keys[gi] & KEY_EXISTS;
-                        stg_weight[gi] <= (sh_weight[gi] == 8'd0) ? 8'd1 : sh_weight[gi];
-                        stg_rate[gi] <= sh_rate[gi];
-                        stg_burst[gi] <= sh_burst[gi];
-                        stg_enable[gi] <= sh_enable[gi];
-                        stg_gen[gi] <= committed + 16'd1;
-                    end
+                    if (ctrl_commit) stg_cfg[gi] <= committing;
                     if (adopt) begin
                         stg_valid[gi] <= 1'b0;
-                        if (ctrl_commit) begin
-                            act_perm[gi] <= {sh_perm_hi[gi], sh_perm_lo[gi]} & OUT_EXISTS;
-                            act_keys[gi] <= sh_keys[gi] & KEY_EXISTS;
-                            act_weight[gi] <= (sh_weight[gi] == 8'd0) ? 8'd1 : sh_weight[gi];
-                            act_rate[gi] <= sh_rate[gi];
-                            act_burst[gi] <= sh_burst[gi];
-                            act_enable[gi] <= sh_enable[gi];
-                            act_gen[gi] <= committed + 16'd1;
-                        end else begin
-                            act_perm[gi] <= stg_perm[gi];
-                            act_keys[gi] <= stg_keys[gi];
-                            act_weight[gi] <= stg_weight[gi];
-                            act_rate[gi] <= stg_rate[gi];
-                            act_burst[gi] <= stg_burst[gi];
-                            act_enable[gi] <= stg_enable[gi];
-                            act_gen[gi] <= stg_gen[gi];
-                        end
+                        act_cfg[gi] <= ctrl_commit ? committing : stg_cfg[gi];
                     end else if (ctrl_commit) begin
                         stg_valid[gi] <= 1'b1;
                     end

@@ -47,11 +47,6 @@ class FlitCounter:
         self.inp = [0] * N_PORTS
         self.cycles = 0
         self.counting = False
-        self.first_in: dict[int, int] = {}  # input -> cycle of the first flit of a packet
-        self.latencies: list[int] = []
-        self._in_packet = [False] * N_PORTS
-        self._out_packet = [False] * N_PORTS
-        self._pending: list[list[int]] = [[] for _ in range(N_PORTS)]
 
     async def run(self) -> None:
         while True:

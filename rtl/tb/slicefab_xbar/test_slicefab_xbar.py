@@ -146,7 +146,6 @@ async def test_wrr_shares_follow_weights(dut: Any) -> None:
     # wait for the backlog to build everywhere, then count a window of whole rounds
     await ClockCycles(dut.clk, 50)
     start = len(tb.sb.received)
-    order = sorted(tb.sb.received.values(), key=lambda r: r.cycle)
     while len(tb.sb.received) < start + rounds * per_round + 1:
         await ClockCycles(dut.clk, 20)
     order = sorted(tb.sb.received.values(), key=lambda r: (r.cycle, r.src))
@@ -176,7 +175,7 @@ async def test_token_bucket_rate_and_burst(dut: Any) -> None:
     await tb.commit()
     n = 240
     for _ in range(n):
-        tb.send(0, 1, 1, data=None)
+        tb.send(0, 1, 1)
     if N_PORTS > 2:
         for _ in range(n):
             tb.send(1, 2, 1)

@@ -103,9 +103,9 @@ class Scoreboard:
     def __post_init__(self) -> None:
         self.next_seq = [0] * self.n_ports
 
-    def new(self, src: int, dest: int, key: int, data: bytes, cycle: int) -> Sent:
-        s = Sent(src, decode_header(data)[1], dest, key, data, cycle)
-        self.sent[(src, s.seq)] = s
+    def new(self, src: int, seq: int, dest: int, key: int, data: bytes, cycle: int) -> Sent:
+        s = Sent(src, seq, dest, key, data, cycle)
+        self.sent[(src, seq)] = s
         return s
 
     def error(self, text: str) -> None:
@@ -312,14 +312,12 @@ class XbarTB:
 
     # -- traffic --------------------------------------------------------------------------
 
-    def send(
-        self, src: int, dest: int, flits: int, key: int = 0, data: bytes | None = None
-    ) -> Sent:
+    def send(self, src: int, dest: int, flits: int, key: int = 0) -> Sent:
         """Queue a packet at input ``src`` (returns at once; the source sends it in order)."""
         seq = self.sb.next_seq[src]
         self.sb.next_seq[src] += 1
-        data = data if data is not None else payload(self.rng, src, seq, flits)
-        sent = self.sb.new(src, dest, key, data, self.cycle)
+        data = payload(self.rng, src, seq, flits)
+        sent = self.sb.new(src, seq, dest, key, data, self.cycle)
         frame = AxiStreamFrame(tdata=data, tid=src, tdest=dest, tuser=key)
         self.sources[src].send_nowait(frame)
         return sent
