@@ -635,7 +635,7 @@ class Allocator:
             if holder is not None and holder != owner:
                 raise ResourceConflict(f"crossbar port {p} is held by another VM", port=p)
         self._admit_bandwidth(ports, qos.guaranteed_mbps)
-        limit = qos.max_mbps or self.device.crossbar.port_mbps
+        limit = qos.limit_mbps(self.device.crossbar.port_mbps)
         for p in ports:
             st = self.ports[p]
             if st.owner is None:
@@ -654,7 +654,7 @@ class Allocator:
     ) -> None:
         """Remove one slice from the totals of ``ports``. With ``quarantine`` the port stays
         held for the slice until :meth:`release`; otherwise a port left empty is free."""
-        limit = qos.max_mbps or self.device.crossbar.port_mbps
+        limit = qos.limit_mbps(self.device.crossbar.port_mbps)
         for p in ports:
             st = self.ports[p]
             st.slices -= 1

@@ -173,7 +173,7 @@ def _snapshot(a: Allocator) -> _Snapshot:
             ports=len(s.alloc.ports),
             priority=s.spec.qos.priority,
             guaranteed_mbps=s.spec.qos.guaranteed_mbps,
-            max_mbps=min(cap, s.spec.qos.max_mbps or cap),
+            max_mbps=min(cap, s.spec.qos.limit_mbps(cap)),
         )
         for s in sorted(a.slices.values(), key=lambda s: s.id)
     ]

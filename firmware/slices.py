@@ -113,6 +113,11 @@ class QoS:
     guaranteed_mbps: int = 0
     max_mbps: int = 0  # 0: limited only by the port's capacity
 
+    def limit_mbps(self, capacity_mbps: int) -> int:
+        """The rate this slice may use on a port of ``capacity_mbps``: its maximum, or the
+        port's capacity when it sets none (what the token bucket admits for it)."""
+        return self.max_mbps or capacity_mbps
+
 
 @dataclass(frozen=True)
 class SliceSpec:

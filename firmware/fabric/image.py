@@ -93,7 +93,7 @@ def demand_from_slices(device: Device, slices: Iterable[Slice]) -> list[PortDema
             owner[p] = s.owner
             prio[p] = max(prio[p], q.priority)
             guaranteed[p] += q.guaranteed_mbps
-            limit[p] += q.max_mbps or xb.port_mbps
+            limit[p] += q.limit_mbps(xb.port_mbps)
             keys[p] |= 1 << s.alloc.key
     return [PortDemand(owner[p], prio[p], guaranteed[p], limit[p], keys[p]) for p in range(n)]
 
