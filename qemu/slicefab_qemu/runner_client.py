@@ -100,6 +100,11 @@ class GuestRunner:
             fields["expect_timeout"] = timeout
         return self.request("call", timeout=timeout + 30, **fields)
 
+    def wait(self, expect: list[dict[str, Any]], *, timeout: float = 60.0) -> dict[str, Any]:
+        """Wait until the guest shows every ``expect`` condition (no call):
+        ``{"visible_s"}``. Raises GuestCallError(TimeoutError) naming what it shows."""
+        return self.request("wait", timeout=timeout + 30, expect=expect, expect_timeout=timeout)
+
     def close(self) -> None:
         if self._sock is not None:
             with contextlib.suppress(OSError):

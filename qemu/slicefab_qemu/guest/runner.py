@@ -11,8 +11,9 @@ One request per line on a virtio-serial port, one answer per line::
 Operations: ``hello``; ``find`` (discovery as hostlib does it: pyudev, the ivshmem
 device, the mailbox signature in BAR2); ``open`` (``Device.open()`` with the credential
 the guest's init installed); ``call`` (a :class:`hostlib.Device` method, with optional
-``expect`` conditions polled until they hold); ``state`` (what the guest kernel shows);
-``heartbeat_start`` / ``heartbeat_stop``.
+``expect`` conditions polled until they hold); ``wait`` (``expect`` conditions alone,
+e.g. for the guest to finish giving memory back after a rollback); ``state`` (what the
+guest kernel shows); ``heartbeat_start`` / ``heartbeat_stop``.
 
 ``expect`` conditions, all of which must hold (``visible_s`` counts from the call's start):
 ``{"memtotal_kib": N}`` or ``{"memtotal_kib_delta": N}`` (against MemTotal before the
@@ -155,6 +156,8 @@ class Runner:
             return {"vm": self.device.client.credential.vm, "session": _jsonable(session)}
         if op == "call":
             return self._call(req)
+        if op == "wait":
+            return self._wait(req, "wait", memtotal_kib(), time.monotonic())
         if op == "state":
             return guest_state()
         if op == "heartbeat_start":
@@ -169,23 +172,31 @@ class Runner:
             raise ValueError(f"method {method!r} is not one of {sorted(METHODS)}")
         if self.device is None:
             raise RuntimeError("no device open: send an 'open' request first")
-        expect = list(req.get("expect", []))
-        timeout = float(req.get("expect_timeout", 30.0))
         base = memtotal_kib()
         t0 = time.monotonic()
         result = getattr(self.device, method)(*req.get("args", []), **req.get("kwargs", {}))
         call_s = time.monotonic() - t0
         out: dict[str, Any] = {"result": _jsonable(result), "call_s": call_s}
-        if expect:
-            while not all(_holds(c, base) for c in expect):
-                if time.monotonic() - t0 > timeout:
-                    raise TimeoutError(
-                        f"after {method}: {expect} did not hold within {timeout:g} s "
-                        f"(guest shows {guest_state()})"
-                    )
-                time.sleep(POLL_S)
-            out["visible_s"] = time.monotonic() - t0
+        if req.get("expect"):
+            out.update(self._wait(req, f"after {method}", base, t0))
         return out
+
+    @staticmethod
+    def _wait(req: Mapping[str, Any], what: str, base: int, t0: float) -> dict[str, Any]:
+        """Poll the request's ``expect`` conditions until all hold: ``{"visible_s"}``
+        counted from ``t0``, or TimeoutError naming what the guest shows instead."""
+        expect = list(req.get("expect", []))
+        if not expect:
+            raise ValueError("'expect' must list at least one condition to wait for")
+        timeout = float(req.get("expect_timeout", 30.0))
+        while not all(_holds(c, base) for c in expect):
+            if time.monotonic() - t0 > timeout:
+                raise TimeoutError(
+                    f"{what}: {expect} did not hold within {timeout:g} s "
+                    f"(guest shows {guest_state()})"
+                )
+            time.sleep(POLL_S)
+        return {"visible_s": time.monotonic() - t0}
 
     def _heartbeat_start(self, period: float) -> dict[str, Any]:
         if self.heartbeat is not None:
