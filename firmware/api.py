@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from abi import convert
-from abi.cci import HEADER_BYTES, MAX_PAYLOAD, Category, Message, check_header
+from abi.cci import HEADER_BYTES, MAX_PAYLOAD, Category, Header, Message, check_header
 from abi.commands import (
     BY_NAME,
     COMMANDS,
@@ -44,7 +44,9 @@ from abi.envelope import REQUEST_DOMAIN, RESPONSE_DOMAIN, TRAILER_BYTES, BadTag,
 from abi.envelope import seal as seal_frame
 from abi.envelope import split as split_frame
 from abi.errors import AbiError, DecodeError
-from abi.vendor import ABI_VERSION
+from abi.vendor import ABI_VERSION, MAX_DECISIONS, REASON_BYTES
+from firmware.adaptive.policy import DEFAULT_APP_CLASS, clear_policy, set_policy
+from firmware.adaptive.usage import Resource, UsageSample
 from firmware.allocator import Allocator
 from firmware.errors import NotFound, RequestError, SlicefabError
 from firmware.manager import ADMIN, ResourceManager
@@ -109,6 +111,8 @@ _MAY_BLOCK = frozenset(
         "INITIATE_DC_ADD", "INITIATE_DC_RELEASE",
         # these read the crossbar's registers, which a simulated fabric answers slowly
         "SLICE_TELEMETRY", "DEVICE_TELEMETRY", "GET_QOS_STATUS", "FABRIC",
+        # these write or read the usage tables (SQLite, which may wait for the ledger)
+        "REPORT_USAGE", "SET_ADAPTIVE", "ADAPTIVE_DECISIONS",
     )
 )  # fmt: skip
 
@@ -192,7 +196,7 @@ class Api:
                 except ReplayError as e:
                     channel.counters.replayed += 1
                     raise ApiError("replay", e.message, **e.details) from None
-            message = _decode(message_bytes)
+            message = _with_payload(request, header, message_bytes)
             payload = _parse(cmd, message.payload)
         except ApiError as e:
             channel.limiter.charge()
@@ -274,7 +278,7 @@ def _error(code: str, message: str) -> dict[str, Any]:
     return {"code": code, "message": message, "details": {}}
 
 
-def _check_header(message: bytes) -> Any:
+def _check_header(message: bytes) -> Header:
     try:
         header = check_header(message)
     except DecodeError as e:
@@ -283,6 +287,14 @@ def _check_header(message: bytes) -> Any:
     if header.category != Category.REQUEST:
         raise ApiError("malformed", "expected a request", field="header.category")
     return header
+
+
+def _with_payload(request: Message, header: Header, message: bytes) -> Message:
+    """The whole request, from its checked header: what :func:`_decode` returns, without
+    checking the header a second time (only that the declared length is what follows)."""
+    if len(message) - HEADER_BYTES != header.payload_length:
+        return _decode(message)  # raises the ApiError that names the field
+    return request._replace(payload=message[HEADER_BYTES:])
 
 
 def _decode(message: bytes) -> Message:
@@ -536,6 +548,77 @@ def _fabric(api: Api, ch: Channel, p: Mapping[str, Any]) -> Mapping[str, Any]:
     }  # fmt: skip
 
 
+# ---------------------------------------------------------------- adaptive allocation
+
+
+def _report_usage(api: Api, ch: Channel, p: Mapping[str, Any]) -> Mapping[str, Any]:
+    """A guest's usage sample of its slice (docs/adaptive.md, "Usage model")."""
+    view = api.manager.get(p["slice"], caller=_caller(ch))
+    held = sum(n for _, n in view["alloc"]["extents"]) * api.manager.device.granule_bytes
+    cores = len(view["alloc"]["cores"])
+    if p["memory_used_bytes"] > held:
+        raise RequestError(
+            "memory_used_bytes",
+            f"{p['memory_used_bytes']} exceeds the {held} bytes slice {view['id']} holds",
+            limit=held,
+        )
+    if p["cores_busy_milli"] > 1000 * cores:
+        raise RequestError(
+            "cores_busy_milli",
+            f"{p['cores_busy_milli']} exceeds the {cores} cores slice {view['id']} holds "
+            f"(at most {1000 * cores})",
+            limit=1000 * cores,
+        )
+    # the forecaster's key: the class the owner gave the slice's policy, else its name
+    classes = [d["app_class"] for d in api.manager.usage.policies() if d["slice"] == view["id"]]
+    sample = UsageSample(
+        view["id"],
+        view["owner"],
+        classes[0] if classes else view["name"] or DEFAULT_APP_CLASS,
+        time.time(),
+        memory_used=p["memory_used_bytes"] if "memory" in view["spec"] else None,
+        cores_busy=p["cores_busy_milli"] / 1000 if cores else None,
+    )
+    api.manager.usage.record([sample])
+    return {"slice": view["id"], "memory_bytes": held, "cores": cores}
+
+
+def _set_adaptive(api: Api, ch: Channel, p: Mapping[str, Any]) -> Mapping[str, Any]:
+    resource = Resource(p["resource"])
+    if not p["enabled"]:
+        clear_policy(api.manager, api.manager.usage, p["slice"], resource, caller=_caller(ch))
+        return dict(p)
+    policy = set_policy(
+        api.manager, api.manager.usage, p["slice"],
+        {"resource": p["resource"], "minimum": p["minimum"], "maximum": p["maximum"],
+         "step": p["step"], "cooldown": p["cooldown_s"], "predictive": p["predictive"],
+         "app_class": p["app_class"]},
+        caller=_caller(ch),
+    )  # fmt: skip
+    return {**p, "app_class": policy.app_class}
+
+
+def _adaptive_decisions(api: Api, ch: Channel, p: Mapping[str, Any]) -> Mapping[str, Any]:
+    if p["slice"]:
+        api.manager.get(p["slice"], caller=_caller(ch))  # ownership
+    found = api.manager.usage.decisions(
+        slice_id=p["slice"] or None, owner=ch.vm, after=p["after"], limit=MAX_DECISIONS
+    )
+    return {
+        "decisions": [
+            {"id": d.id, "at_ms": max(0, round(d.at * 1000)), "slice": d.slice_id,
+             "resource": d.resource.value, "action": d.action.value, "before": d.before,
+             "after": d.after, "reason": _cut(d.reason, REASON_BYTES)}
+            for d in found
+        ]
+    }  # fmt: skip
+
+
+def _cut(text: str, limit: int) -> str:
+    """``text`` cut to at most ``limit`` UTF-8 bytes (on a character boundary)."""
+    return text.encode()[:limit].decode(errors="ignore")
+
+
 HANDLERS: dict[str, Handler] = {
     "HELLO": _hello,
     "NOP": lambda api, ch, p: {"data": p["data"]},
@@ -562,6 +645,9 @@ HANDLERS: dict[str, Handler] = {
     "STATUS": lambda api, ch, p: convert.status_to_payload(api.manager.status()),
     "CHECK": lambda api, ch, p: {"violations": api.manager.check_invariants()},
     "FABRIC": _fabric,
+    "REPORT_USAGE": _report_usage,
+    "SET_ADAPTIVE": _set_adaptive,
+    "ADAPTIVE_DECISIONS": _adaptive_decisions,
 }
 
 # The CXL FM API commands (54h, 56h): their handlers live in firmware.fmapi.
