@@ -42,6 +42,7 @@ def test_vng_gets_the_kernel_tcg_and_our_devices(tmp_path: Path) -> None:
     assert argv[:3] == ["/v/vng", "--run", "/boot/vmlinuz-x"]
     assert "--disable-kvm" in argv and "--force-9p" in argv
     assert "memhp_default_state=online_movable" in argv
+    assert "preempt=full" in argv  # the heartbeat's ≤ 200 ms needs a preemptible guest
     assert argv[-1] == "--qemu-opts=-device x"
     assert "--disable-kvm" not in vng_argv("v", VmConfig("v", accel="kvm"), Path("k"), [], "c")
 

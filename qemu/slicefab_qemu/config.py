@@ -322,7 +322,10 @@ def vng_argv(
 ) -> list[str]:
     """The virtme-ng command line: the Debian kernel over the host's root file system
     (9p: this QEMU has no virtiofsd), q35 rather than microvm (CXL and PCIe hot-plug need
-    it), hot-plugged memory onlined movable (so that it can be unplugged again)."""
+    it), hot-plugged memory onlined movable (so that it can be unplugged again), and a
+    fully preemptible guest kernel: with Debian's default voluntary preemption, the
+    kworker that offlines unplugged virtio-mem blocks held the guest's one vCPU for
+    1.7 s at a time (docs/qemu.md, "No interruption")."""
     argv = [
         vng,
         "--run", str(kernel),
@@ -334,6 +337,7 @@ def vng_argv(
         "--verbose",  # the guest console goes to the log file
         "--cwd", "/",
         "--append", "memhp_default_state=online_movable",
+        "--append", "preempt=full",
     ]  # fmt: skip
     if config.accel == "tcg":
         argv.append("--disable-kvm")
