@@ -214,10 +214,13 @@ class ResourceManager:
     ) -> dict[str, Any]:
         """Resize a live slice in place; it stays active throughout. All-or-nothing.
 
-        Targets are absolute, so re-executing a resize is harmless: after a FabricError the
-        resize stays recorded (ports never change hands in a resize, so isolation is not at
-        stake), the crossbar gets it at the next successful reconfiguration, and a retry
-        with the same request id executes again."""
+        If the crossbar or the VM's hardware (the QEMU backend) refuses the new size, the
+        slice is resized back to what it was, durably, and FabricError says so. Should
+        the old size no longer fit (units a shrink gave back were taken meanwhile), the
+        resize stays recorded instead (ports never change hands in a resize, so isolation
+        is not at stake): the error says that too, the crossbar and the VM get it at the
+        next successful reconfiguration, and a retry with the same request id executes
+        again."""
         req = self._request(caller, request_id, "resize", {"slice": slice_id, **rs.to_dict()})
         if (earlier := self._start(req)) is not None:
             return earlier.done.result()
@@ -232,6 +235,7 @@ class ResourceManager:
                     )
                 if self.vm_hook is not None:
                     self.vm_hook.admit(s.owner, slice_id, rs)
+                undo = _resize_back(s.spec, rs)
                 self.allocator.resize(slice_id, rs)
                 response = self._view(s, SliceState.ACTIVE)
                 record = PutSlice(s.id, s.owner, s.spec.to_dict(), s.alloc.to_dict())
@@ -241,12 +245,7 @@ class ResourceManager:
                 self._sync_fabric()
             except FabricError as e:
                 self._forget_stored(req)
-                raise FabricError(
-                    f"slice {slice_id} is resized in the ledger but the crossbar refused the "
-                    f"new configuration ({e.message}); it is applied at the next successful "
-                    "reconfiguration, or retry the request",
-                    slice=slice_id,
-                ) from e
+                raise self._roll_back_resize(s, undo, e) from e
         except BaseException as e:
             self._fail_request(req, e)
             raise
@@ -494,6 +493,36 @@ class ResourceManager:
                     raise
             self._await_durable(durable)
 
+    def _roll_back_resize(self, s: Slice, undo: ResizeSpec, cause: FabricError) -> FabricError:
+        """The crossbar or the VM refused a durable resize: resize the slice back to
+        ``undo`` (its old targets), durably, and reprogram. Returns the error to raise,
+        which says which of the two happened."""
+        why = cause.message
+        with self._lock:
+            try:
+                self.allocator.resize(s.id, undo)
+            except SlicefabError as e:  # the old size no longer fits: keep the new one
+                return FabricError(
+                    f"slice {s.id} could not be resized ({why}) and its old size no longer "
+                    f"fits ({e.message}); the new size stays recorded and is applied at the "
+                    "next successful reconfiguration, or retry the request",
+                    slice=s.id,
+                )
+            self._version += 1
+            record = PutSlice(s.id, s.owner, s.spec.to_dict(), s.alloc.to_dict())
+            try:
+                durable = self.ledger.submit([record])
+            except LedgerError as e:
+                self._fail(e)
+                raise
+        self._await_durable(durable)
+        with contextlib.suppress(FabricError):  # the old configuration was accepted before
+            self._sync_fabric()
+        return FabricError(
+            f"slice {s.id} could not be resized ({why}); it is back at its previous size",
+            slice=s.id,
+        )
+
     def _roll_back_new(self, s: Slice, req: _Request) -> None:
         """The crossbar refused a new slice after it became durable: take it out of the
         image (ports quarantined), delete it and its stored result durably, and release
@@ -563,6 +592,16 @@ class ResourceManager:
     def close(self) -> None:
         self.vms.close()
         self.ledger.close()
+
+
+def _resize_back(spec: SliceSpec, rs: ResizeSpec) -> ResizeSpec:
+    """The resize that undoes ``rs`` on a slice of ``spec``: the old value of each target
+    ``rs`` changes (a target ``rs`` leaves alone stays None)."""
+    return ResizeSpec(
+        memory=spec.memory.size if rs.memory is not None and spec.memory is not None else None,
+        cores=spec.cores.count if rs.cores is not None and spec.cores is not None else None,
+        qos=spec.qos if rs.qos is not None else None,
+    )
 
 
 class StateDir:

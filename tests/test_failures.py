@@ -187,17 +187,25 @@ def test_a_free_retry_racing_the_first_waits_for_it(env: Any) -> None:
     assert first["result"] == retry["result"] and first["result"]["state"] == "freed"
 
 
-def test_a_fabric_error_during_resize_is_reported_and_reapplied(env: Any) -> None:
+def test_a_fabric_error_during_resize_puts_the_slice_back(env: Any) -> None:
     m, bus = env()
     x = m.allocate(spec("vm-a", qos={"guaranteed": "10G"}))
     bus.fail_next_write()
-    with pytest.raises(FabricError, match="resized in the ledger"):
+    with pytest.raises(FabricError, match="back at its previous size"):
         m.resize(x["id"], ResizeSpec.from_dict({"qos": {"guaranteed": "50G"}}), request_id="z")
-    assert m.get(x["id"])["state"] == "active"
-    assert m.check_invariants() == []  # the next sync (inside the check) applied it
+    got = m.get(x["id"])
+    assert got["state"] == "active" and got["spec"]["qos"] == x["spec"]["qos"]
+    assert m.ledger.slices()[0].spec["qos"] == x["spec"]["qos"]  # durable too
+    assert m.check_invariants() == []
     port = x["alloc"]["ports"][0]
     weight = m.fabric.read_image()[rm.port_reg(port, rm.PORT_WEIGHT_OFFSET)]
-    assert weight == img.weight_for(0, 50_000, DEV.crossbar.port_mbps)
+    assert weight == img.weight_for(0, 10_000, DEV.crossbar.port_mbps)
+    # the retry with the same request id executes again, and now succeeds
+    done = m.resize(x["id"], ResizeSpec.from_dict({"qos": {"guaranteed": "50G"}}), request_id="z")
+    assert done["spec"]["qos"] != x["spec"]["qos"]
+    assert m.fabric.read_image()[rm.port_reg(port, rm.PORT_WEIGHT_OFFSET)] == img.weight_for(
+        0, 50_000, DEV.crossbar.port_mbps
+    )
 
 
 def test_stale_shadow_registers_are_never_activated(env: Any) -> None:

@@ -331,3 +331,42 @@ def test_a_self_contradicting_ledger_is_refused_at_start(
     db.close()
     with pytest.raises(LedgerError, match=f"slice {b['id']} cannot be restored"):
         open_rm()
+
+
+class _RefusingVm:
+    """A VM hook (the QEMU backend's place) that refuses every change while ``refuse``
+    is set, as a failed QMP command does after undoing its own steps."""
+
+    def __init__(self) -> None:
+        self.refuse = False
+        self.memory: dict[int, int] = {}  # what the VM has: slice id → bytes
+
+    def admit(self, owner: str, slice_id: int | None, request: Any) -> None:
+        pass
+
+    def plan(self, slices: Any) -> dict[int, int]:
+        return {s.id: s.alloc.granules for s in slices}
+
+    def apply(self, plan: dict[int, int]) -> None:
+        if self.refuse and plan != self.memory:
+            raise FabricError("VM vm-a: qom-set: GenericError: boom; it is back as it was")
+        self.memory = dict(plan)
+
+
+def test_a_vm_refusing_a_resize_puts_the_slice_back(rm: ResourceManager, state: StateDir) -> None:
+    vm = _RefusingVm()
+    rm.vm_hook = vm
+    x = rm.allocate(spec("vm-a", memory={"size": "1 GiB"}))
+    before = snapshot(rm, state)
+    vm.refuse = True
+    for target in ("2 GiB", "512 MiB"):  # a growth and a shrink
+        with pytest.raises(FabricError, match="boom.*back at its previous size"):
+            rm.resize(x["id"], ResizeSpec.from_dict({"memory": target}))
+        after = snapshot(rm, state)
+        # same ledger rows, slices, free units and crossbar image; the generation moved on
+        assert after[:-1] == before[:-1]
+        assert vm.memory == {x["id"]: 512}  # 1 GiB in 2 MiB granules
+    assert rm.check_invariants() == []
+    vm.refuse = False
+    grown = rm.resize(x["id"], ResizeSpec.from_dict({"memory": "2 GiB"}))
+    assert grown["spec"]["memory"]["size"] == 2 * GiB and vm.memory == {x["id"]: 1024}
