@@ -11,10 +11,10 @@ Command sets:
 ====  ===========================================================================
 54h   CXL FM API, MLD components: LD info, LD allocations, QoS (CXL r3.1 §7.6.7.4)
 56h   CXL FM API, DCD management: Dynamic Capacity add/release (CXL r3.1 §7.6.7.6)
-C0h   vendor: slice lifecycle (allocate, resize, free, get, list)
+C0h   vendor: slice lifecycle (allocate, resize, free, get, list, adaptive policy)
 C1h   vendor: device inventory (cores, memory, lanes, keys, ports)
 C2h   vendor: session (hello, no-op)
-C3h   vendor: telemetry (per slice, per device)
+C3h   vendor: telemetry (per slice, per device, guest-reported usage, adaptive decisions)
 C4h   vendor: administration (VM provisioning, status, invariants, fabric)
 ====  ===========================================================================
 
@@ -163,6 +163,11 @@ _TABLE = (
         Vendor. ALLOCATE on behalf of a VM: the administrator names the owner."""),
     Command(0xC006, "LIST_FOR", ADMIN, _V.LIST_FOR_REQ, _V.LIST_RSP, """
         Vendor. LIST the slices of one VM (the administrator's owner filter)."""),
+    Command(0xC007, "SET_ADAPTIVE", BOTH, _V.ADAPTIVE_POLICY, _V.ADAPTIVE_POLICY, """
+        Vendor. Opt a slice's memory or cores in to adaptive allocation with the owner's
+        bounds (minimum, maximum, step, cooldown), optionally predictive; enabled = false
+        opts out. Answers the policy as stored (app_class resolved). A VM may set only its
+        own slices'. firmware: firmware.adaptive.policy.set_policy (docs/adaptive.md)."""),
     # ---------------------------------------------------------------- C1h inventory
     Command(0xC100, "DEVICE_INFO", BOTH, _F.EMPTY, _V.DEVICE_INFO_RSP, """
         Vendor. The device inventory (firmware: Device.summary()) and the ABI version."""),
@@ -199,6 +204,15 @@ _TABLE = (
     Command(0xC301, "DEVICE_TELEMETRY", ADMIN, _F.EMPTY, _V.DEVICE_TELEMETRY_RSP, """
         Vendor. Device utilisation (firmware: Allocator.utilisation()) and every port's
         counters. Admin only: it shows other VMs' load."""),
+    Command(0xC302, "REPORT_USAGE", BOTH, _V.REPORT_USAGE_REQ, _V.REPORT_USAGE_RSP, """
+        Vendor. The guest reports what it uses of a slice (memory, busy cores): a sample
+        of the usage model the adaptive controller and the forecaster read
+        (firmware.adaptive.usage). Use above what the slice holds is refused. Answers
+        what the slice holds now, so the guest sees a resize. A VM: its own slices."""),
+    Command(0xC303, "ADAPTIVE_DECISIONS", BOTH, _V.ADAPTIVE_DECISIONS_REQ,
+            _V.ADAPTIVE_DECISIONS_RSP, """
+        Vendor. The adaptive controller's decisions with their reasons, a page of up to 16
+        (firmware: UsageStore.decisions). A VM sees only its own slices'."""),
     # ---------------------------------------------------------------- C4h administration
     Command(0xC400, "VM_LIST", ADMIN, _V.VM_LIST_REQ, _V.VM_LIST_RSP, """
         Vendor. The provisioned VMs (firmware: VmRegistry.list()), a page at a time."""),

@@ -47,6 +47,18 @@ _SLICE: Payload = {
     "granule_bytes": GRANULE,
 }
 
+_POLICY: Payload = {
+    "slice": 7,
+    "resource": "memory",
+    "enabled": True,
+    "predictive": True,
+    "minimum": 2 * GiB,
+    "maximum": 16 * GiB,
+    "step": 1 * GiB,
+    "cooldown_s": 300,
+    "app_class": "web",
+}
+
 _SLICE_2: Payload = {
     "id": 9,
     "owner": "vm-a",
@@ -191,6 +203,7 @@ _EXAMPLES: dict[int, tuple[Payload, Payload]] = {
     0xC004: ({"start_id": 0}, {"total": 2, "next_id": 0, "slices": [_SLICE, _SLICE_2]}),
     0xC005: ({"owner": "vm-a", **_SPEC, "request_id": None}, _SLICE),
     0xC006: ({"owner": "vm-a", "start_id": 8}, {"total": 2, "next_id": 0, "slices": [_SLICE_2]}),
+    0xC007: (_POLICY, _POLICY),
     0xC100: (
         {},
         {
@@ -291,6 +304,38 @@ _EXAMPLES: dict[int, tuple[Payload, Payload]] = {
     0xC301: (
         {},
         {"slices": 2, "utilisation": _UTILISATION, "generation": 12, "ports": [_COUNTERS]},
+    ),
+    0xC302: (
+        {"slice": 7, "memory_used_bytes": 3 * GiB, "cores_busy_milli": 2750},
+        {"slice": 7, "memory_bytes": 4 * GiB, "cores": 4},
+    ),
+    0xC303: (
+        {"slice": 7, "after": 0},
+        {
+            "decisions": [
+                {
+                    "id": 41,
+                    "at_ms": 1_767_250_800_000,
+                    "slice": 7,
+                    "resource": "memory",
+                    "action": "reserve",
+                    "before": 4 * GiB,
+                    "after": 6 * GiB,
+                    "reason": "forecast peak 4.8 GiB within 30 min (q90 of the same time on "
+                    "past days)",
+                },
+                {
+                    "id": 42,
+                    "at_ms": 1_767_254_400_000,
+                    "slice": 7,
+                    "resource": "memory",
+                    "action": "up",
+                    "before": 6 * GiB,
+                    "after": 7 * GiB,
+                    "reason": "use 5.2 GiB is 87% of 6 GiB (grow at 85%)",
+                },
+            ]
+        },
     ),
     0xC400: (
         {"start": 0},

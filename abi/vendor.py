@@ -37,7 +37,7 @@ from abi.layout import (
     u64,
 )
 
-ABI_VERSION = 0x0100  # major 1, minor 0: bumped on any change of a layout below
+ABI_VERSION = 0x0101  # major 1, minor 1 (1.1: adaptive allocation): bumped on any layout change
 
 MAX_CORES = 4096  # firmware.slices.MAX_CORES_PER_SLICE
 MAX_EXTENTS = 4096  # the inventory's cap on max_extents_per_slice
@@ -417,6 +417,80 @@ DEVICE_TELEMETRY_RSP = Layout(
     "ports" / List(PORT_COUNTERS, prefix=1, max_items=MAX_PORTS) * "every crossbar port",
 )
 
+REPORT_USAGE_REQ = Layout(
+    "report_usage.request",
+    "slice" / u32 * "slice id",
+    "memory_used_bytes" / u64 * "memory the guest uses of the slice (≤ what it holds)",
+    "cores_busy_milli" / u32 * "busy time of the slice's cores, in thousandths of a core",
+)
+
+REPORT_USAGE_RSP = Layout(
+    "report_usage.response",
+    "slice" / u32 * "slice id",
+    "memory_bytes" / u64 * "memory the slice holds now",
+    "cores" / u16 * "cores the slice holds now",
+)
+
+# ------------------------------------------------------------------ adaptive allocation
+
+#: what an adaptive policy controls (firmware.adaptive.usage.Resource values)
+ADAPTIVE_RESOURCES = {0: "memory", 1: "cores"}
+#: controller decisions (firmware.adaptive.usage.Action values)
+ADAPTIVE_ACTIONS = {
+    0: "up",
+    1: "down",
+    2: "reserve",
+    3: "release",
+    4: "yield",
+    5: "bounds",
+    6: "refused",
+}
+APP_CLASS_BYTES = 32  # firmware.adaptive.policy.APP_CLASS_RE
+REASON_BYTES = 160
+#: decisions in one ADAPTIVE_DECISIONS answer (what fits the 4 KiB payload cap)
+MAX_DECISIONS = 16
+
+ADAPTIVE_POLICY = Layout(
+    "adaptive_policy",
+    "slice" / u32 * "slice id",
+    "resource" / Choice(u8, ADAPTIVE_RESOURCES) * "what the policy controls",
+    "enabled" / boolean * "false: opt the slice's resource out (the other fields are ignored)",
+    "predictive" / boolean * "also pre-allocate ahead of forecast demand",
+    "minimum" / u64 * "never below: bytes (memory) or cores",
+    "maximum" / u64 * "never above: bytes (memory) or cores",
+    "step" / u64 * "the unit of every change: bytes (memory) or cores",
+    "cooldown_s" / u32 * "seconds between two changes; how long use must stay low to shrink",
+    "app_class"
+    / Text(APP_CLASS_BYTES)
+    * "the forecaster's key with the VM; empty: the slice's name, else \"default\"",
+)
+
+ADAPTIVE_DECISIONS_REQ = Layout(
+    "adaptive_decisions.request",
+    "slice" / u32 * "one slice's decisions; 0: every slice the caller may see",
+    "after" / u32 * "decisions with a higher id, oldest first; 0: the most recent ones",
+)
+
+ADAPTIVE_DECISIONS_RSP = Layout(
+    "adaptive_decisions.response",
+    "decisions"
+    / List(
+        Struct(
+            "id" / u32 * "decision id (increasing)",
+            "at_ms" / u64 * "when, in ms since the epoch",
+            "slice" / u32 * "slice id",
+            "resource" / Choice(u8, ADAPTIVE_RESOURCES) * "resource",
+            "action" / Choice(u8, ADAPTIVE_ACTIONS) * "what was decided",
+            "before" / u64 * "allocation before: bytes or cores",
+            "after" / u64 * "allocation after (equal to before when refused)",
+            "reason" / Text(REASON_BYTES) * "why, in words (cut to fit)",
+        ),
+        prefix=1,
+        max_items=MAX_DECISIONS,
+    )
+    * "oldest first",
+)
+
 # ------------------------------------------------------------------ admin (C4h)
 
 VM_LIST_REQ = Layout("vm_list.request", "start" / u16 * "index of the first VM (by id)")
@@ -500,6 +574,11 @@ FABRIC_RSP = Layout(
 
 __all__ = [
     "ABI_VERSION",
+    "ADAPTIVE_ACTIONS",
+    "ADAPTIVE_DECISIONS_REQ",
+    "ADAPTIVE_DECISIONS_RSP",
+    "ADAPTIVE_POLICY",
+    "ADAPTIVE_RESOURCES",
     "ALLOCATE_FOR_REQ",
     "ALLOCATE_REQ",
     "CHECK_RSP",
@@ -518,6 +597,8 @@ __all__ = [
     "MEMORY_RSP",
     "NOP",
     "PORTS_RSP",
+    "REPORT_USAGE_REQ",
+    "REPORT_USAGE_RSP",
     "RESIZE_REQ",
     "SLICE",
     "SLICE_REF_REQ",

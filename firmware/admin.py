@@ -254,6 +254,13 @@ def _telemetry(a: _Admin, args: Mapping[str, Any], rid: str | None) -> dict[str,
     }
 
 
+def _decisions(a: _Admin, args: Mapping[str, Any], rid: str | None) -> list[dict[str, Any]]:
+    """ADAPTIVE_DECISIONS: the adaptive controller's most recent decisions (one page),
+    optionally of one slice, oldest first (``slicefab top``)."""
+    p = a.request("ADAPTIVE_DECISIONS", {"slice": args.get("slice", 0), "after": 0})
+    return [dict(d) for d in p["decisions"]]
+
+
 def _vm_add(a: _Admin, args: Mapping[str, Any], rid: str | None) -> dict[str, Any]:
     p = a.request("VM_ADD", {"vm": args.get("vm"), "mailbox": args.get("mailbox")})
     return {"vm": p["vm"], "key": bytes(p["key"]).hex(), "mailbox": p["mailbox"]}
@@ -290,6 +297,7 @@ OPS: dict[str, Op] = {
     ),
     "fabric": _fabric,
     "telemetry": _telemetry,
+    "decisions": _decisions,
     "vm_add": _vm_add,
     "vm_list": _vm_list,
     "vm_remove": _vm_remove,

@@ -263,6 +263,7 @@ LAZY_BENCHES: dict[str, tuple[str, str]] = {
     "metrics": ("firmware.bench_metrics", "bench_metrics"),  # issue 8, telemetry
     "rtl": ("firmware.bench_rtl", "bench_rtl"),  # issue 4: builds and runs simulations
     "qemu": ("slicefab_qemu.bench", "bench_qemu"),  # issue 6: boots guests
+    "adaptive": ("firmware.adaptive.bench", "bench_adaptive"),  # issue 9: docs/adaptive.md
 }
 
 

@@ -22,6 +22,7 @@ from typing import Any
 
 from rich.console import Console
 
+from firmware.adaptive.controller import AdaptiveController, AdaptiveService, interval_arg
 from firmware.admin import AdminClient, AdminServer, LocalClient
 from firmware.errors import SlicefabError
 from firmware.inventory import load_device
@@ -110,6 +111,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     vmm = None
     mailboxes: MailboxService | None = None
     endpoint = None
+    adaptive = None
     try:
         server = AdminServer(state.socket, api)
         server.start()
@@ -117,6 +119,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         mailboxes = MailboxService(api, state.path, sockets=args.vm_sockets)
         mailboxes.refresh()
         manager.on_vms_changed = mailboxes.refresh
+        if args.adaptive_interval > 0:  # docs/adaptive.md
+            controller = AdaptiveController(manager, manager.usage)
+            adaptive = AdaptiveService(controller, args.adaptive_interval).start()
         if metrics_at is not None:
             endpoint = metrics.serve(api, mailboxes.channels, *metrics_at)
         n = len(manager.allocator.slices)
@@ -131,6 +136,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         while not stopping.wait(0.2):  # a timed wait lets the signal handlers run
             pass
     finally:
+        if adaptive is not None:
+            adaptive.stop()
         if endpoint is not None:
             endpoint.stop()
         if server is not None:
@@ -580,6 +587,14 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="do not apply slices to the QEMU guests of `slicefab vm up` (docs/qemu.md)",
     )
+    s.add_argument(
+        "--adaptive-interval",
+        type=interval_arg,
+        default=10.0,
+        metavar="SECONDS",
+        help="how often the adaptive controller samples and decides (default 10; 0: off; "
+        "docs/adaptive.md)",
+    )
     s.set_defaults(func=cmd_serve)
 
     dev = sub.add_parser("device", help="the device inventory").add_subparsers(
@@ -689,7 +704,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", parents=[common], help="run a benchmark, print its figures")
     b.add_argument(
-        "name", help="alloc, mailbox, fastpath, metrics, rtl or qemu (docs/benchmarks.md)"
+        "name",
+        help="alloc, mailbox, fastpath, metrics, rtl, qemu or adaptive (docs/benchmarks.md)",
     )
     b.add_argument("--quick", action="store_true", help="shorter run (for tests)")
     b.set_defaults(func=cmd_bench)

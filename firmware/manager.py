@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
+from firmware.adaptive.usage import UsageStore
 from firmware.allocator import Allocator
 from firmware.errors import (
     FabricError,
@@ -118,6 +119,8 @@ class ResourceManager:
         self.allocator = Allocator(device)
         #: the provisioned VMs: credentials, mailboxes, request counters (same ledger)
         self.vms = VmRegistry(ledger)
+        #: usage samples, adaptive policies and decisions (the ledger's file, own tables)
+        self.usage = UsageStore(ledger.path)
         #: called after a VM is provisioned or removed (the daemon serves its mailbox)
         self.on_vms_changed: Callable[[], None] | None = None
         #: VM hardware that follows the slices (the daemon sets it; None: crossbar only)
@@ -591,6 +594,7 @@ class ResourceManager:
 
     def close(self) -> None:
         self.vms.close()
+        self.usage.close()
         self.ledger.close()
 
 

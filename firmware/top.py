@@ -21,7 +21,7 @@ import json
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from rich.console import Console, Group, RenderableType
@@ -38,6 +38,8 @@ PORT_COUNTERS = ("packets", "flits", "drops", "stalls")
 #: the shortest refresh interval accepted (each sample is three admin round trips)
 MIN_INTERVAL_S = 0.05
 METRICS_TIMEOUT_S = 5.0
+#: adaptive decisions shown (the latest)
+DECISIONS_SHOWN = 8
 
 #: one admin operation (firmware.admin.OPS) → its result; raises on a refusal
 Call = Callable[[str], Any]
@@ -53,6 +55,8 @@ class Sample:
     vms: list[dict[str, Any]]
     #: per-VM counters from the metrics endpoint (None without ``--metrics-url``)
     vm_counters: dict[str, dict[str, int]] | None
+    #: the adaptive controller's latest decisions (``ADAPTIVE_DECISIONS``), oldest first
+    decisions: list[dict[str, Any]] = field(default_factory=list)
 
 
 def take_sample(call: Call, metrics_url: str | None) -> Sample:
@@ -62,6 +66,7 @@ def take_sample(call: Call, metrics_url: str | None) -> Sample:
         slices=call("list"),
         vms=call("vm_list"),
         vm_counters=None if metrics_url is None else read_vm_counters(metrics_url),
+        decisions=call("decisions"),
     )
 
 
@@ -111,6 +116,8 @@ def build_frame(device: dict[str, Any], prev: Sample | None, cur: Sample) -> dic
                 requests_per_s}]
         ports [{port, owner, packets, flits, drops, stalls,
                 rates ({packets, flits, drops, stalls} per second, or None)}]
+        decisions [{id, at_ms, slice, resource, action, before, after, reason}]
+                (the adaptive controller's latest, newest last; docs/adaptive.md)
 
     Rates are deltas over ``interval_s``; a port newly held since ``prev`` has none yet.
     """
@@ -178,6 +185,7 @@ def build_frame(device: dict[str, Any], prev: Sample | None, cur: Sample) -> dic
         "utilisation": tel["utilisation"],
         "vms": sorted(vms.values(), key=lambda r: r["vm"]),
         "ports": ports,
+        "decisions": cur.decisions[-DECISIONS_SHOWN:],
     }
 
 
@@ -252,6 +260,8 @@ def render(frame: dict[str, Any], granule_bytes: int, metrics_url: str | None) -
         vms,
         ports,
     ]
+    if frame["decisions"]:
+        parts.append(_decisions_table(frame["decisions"]))
     if metrics_url is None:
         parts.append(
             Text(
@@ -261,6 +271,25 @@ def render(frame: dict[str, Any], granule_bytes: int, metrics_url: str | None) -
             )
         )
     return Group(*parts)
+
+
+def _decisions_table(decisions: list[dict[str, Any]]) -> Table:
+    t = Table(title="Adaptive decisions (latest)", title_justify="left")
+    for col in ("time", "slice", "action", "change", "reason"):
+        t.add_column(col, justify="right" if col == "slice" else "left")
+    for d in decisions:
+        amount = format_size if d["resource"] == "memory" else str
+        change = amount(d["before"])
+        if d["after"] != d["before"]:
+            change += f" → {amount(d['after'])}"
+        t.add_row(
+            time.strftime("%H:%M:%S", time.localtime(d["at_ms"] / 1000)),
+            str(d["slice"]),
+            Text(d["action"], style="bold red" if d["action"] == "refused" else ""),
+            f"{d['resource']} {change}",
+            d["reason"],
+        )
+    return t
 
 
 # ---------------------------------------------------------------------- the command

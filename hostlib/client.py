@@ -812,6 +812,77 @@ class AsyncClient:
             return await self.device_info()
         return SliceTelemetry.from_payload(await self._call("SLICE_TELEMETRY", {"slice": slice_id}))
 
+    async def report_usage(
+        self, slice_id: int, *, memory_used: int | str = 0, cores_busy: float = 0.0
+    ) -> dict[str, int]:
+        """Report what this VM uses of a slice (memory, busy cores) to the device's usage
+        model, which the adaptive controller and its forecaster read (docs/adaptive.md).
+        Returns ``{"slice", "memory_bytes", "cores"}``: what the slice holds now.
+
+        Raises:
+            RequestError: ``memory_used``/``cores_busy`` above what the slice holds, or
+                not a size / a non-negative number.
+            NotFound, PermissionDenied: not a slice of this VM.
+        """
+        used = parse_size(memory_used, "memory_used")
+        if isinstance(cores_busy, bool) or not isinstance(cores_busy, int | float) or not (
+            0 <= cores_busy <= 0xFFFFFFFF / 1000
+        ):
+            raise RequestError(
+                f"cores_busy: expected a number of cores >= 0, got {cores_busy!r}",
+                details={"field": "cores_busy"},
+            )
+        payload = {"slice": slice_id, "memory_used_bytes": used,
+                   "cores_busy_milli": round(cores_busy * 1000)}  # fmt: skip
+        return dict(await self._call("REPORT_USAGE", payload))
+
+    async def set_adaptive(
+        self,
+        slice_id: int,
+        *,
+        resource: str = "memory",
+        minimum: int | str,
+        maximum: int | str,
+        step: int | str,
+        cooldown_s: int,
+        predictive: bool = False,
+        app_class: str = "",
+    ) -> dict[str, Any]:
+        """Opt a slice's ``memory`` or ``cores`` in to adaptive allocation within these
+        bounds (memory as sizes, cores as counts); returns the policy as the device stored
+        it. See docs/adaptive.md for what the controller does with it.
+
+        Raises:
+            RequestError: a bound the device refuses (the message names the field).
+            NotFound, PermissionDenied: not a slice of this VM.
+        """
+
+        def amount(value: int | str, fld: str) -> int:
+            return parse_size(value, fld) if resource == "memory" else int(value)
+
+        payload = {
+            "slice": slice_id, "resource": resource, "enabled": True, "predictive": predictive,
+            "minimum": amount(minimum, "minimum"), "maximum": amount(maximum, "maximum"),
+            "step": amount(step, "step"), "cooldown_s": cooldown_s, "app_class": app_class,
+        }  # fmt: skip
+        return dict(await self._call("SET_ADAPTIVE", payload))
+
+    async def clear_adaptive(self, slice_id: int, *, resource: str = "memory") -> None:
+        """Opt a slice's resource out of adaptive allocation (its size stays)."""
+        await self._call("SET_ADAPTIVE", {
+            "slice": slice_id, "resource": resource, "enabled": False, "predictive": False,
+            "minimum": 0, "maximum": 0, "step": 0, "cooldown_s": 0, "app_class": "",
+        })  # fmt: skip
+
+    async def adaptive_decisions(
+        self, slice_id: int | None = None, *, after: int = 0
+    ) -> list[dict[str, Any]]:
+        """The adaptive controller's decisions on this VM's slices (or one of them), with
+        their reasons: those after decision id ``after``, else the most recent, oldest
+        first, at most one page (16)."""
+        page = await self._call("ADAPTIVE_DECISIONS", {"slice": slice_id or 0, "after": after})
+        return [dict(d) for d in page["decisions"]]
+
     async def device_info(self) -> DeviceInfo:
         """The device's inventory: cores per cluster, memory and granule, PCIe ports and
         endpoints, keys, crossbar ports and their bandwidth, ABI version."""
@@ -961,6 +1032,10 @@ class Device:
     device_info = _sync(AsyncClient.device_info)
     nop = _sync(AsyncClient.nop)
     ld_share = _sync(AsyncClient.ld_share)
+    report_usage = _sync(AsyncClient.report_usage)
+    set_adaptive = _sync(AsyncClient.set_adaptive)
+    clear_adaptive = _sync(AsyncClient.clear_adaptive)
+    adaptive_decisions = _sync(AsyncClient.adaptive_decisions)
 
     @overload
     def telemetry(self, slice_id: int) -> SliceTelemetry: ...

@@ -360,7 +360,7 @@ def test_a_vm_refusing_a_resize_puts_the_slice_back(rm: ResourceManager, state: 
     before = snapshot(rm, state)
     vm.refuse = True
     for target in ("2 GiB", "512 MiB"):  # a growth and a shrink
-        with pytest.raises(FabricError, match="boom.*back at its previous size"):
+        with pytest.raises(FabricError, match=r"boom.*back at its previous size"):
             rm.resize(x["id"], ResizeSpec.from_dict({"memory": target}))
         after = snapshot(rm, state)
         # same ledger rows, slices, free units and crossbar image; the generation moved on
