@@ -9,6 +9,8 @@
 ``hostlib.transport``       the transport interface and its errors (shared with the firmware)
 ``hostlib.mailbox``         the shared-memory BAR mailbox
 ``hostlib.socket_transport``  the Unix socket (admin tools)
+``hostlib.netslice``        network slices on the host: veth pair + tbf shaping (pyroute2;
+                            imported on its own: ``import hostlib.netslice``)
 ==========================  ================================================================
 
 Quick start (docs/guide-vm.md)::
@@ -50,6 +52,7 @@ from hostlib.errors import (
     InsufficientResources,
     LifecycleError,
     MailboxLayoutError,
+    NetSliceError,
     NotFound,
     PeerClosed,
     PermissionDenied,
@@ -82,6 +85,7 @@ __all__ = [
     "LdShare",
     "LifecycleError",
     "MailboxLayoutError",
+    "NetSliceError",
     "NotFound",
     "PeerClosed",
     "PermissionDenied",

@@ -19,6 +19,8 @@
      ├── IdempotencyConflict         request_id_reused: a request id re-used with other parameters
      ├── DeviceError                 ledger, fabric, internal, error: the device failed
      ├── CredentialError             the credential file is missing or unusable (.field)
+     ├── NetSliceError               a network slice (hostlib.netslice) could not be made,
+     │                               changed or removed on this host (.field)
      └── TransportError              the frame did not make the round trip
           ├── TransportTimeout       no answer in time
           ├── PeerClosed             the firmware closed the mailbox, or this client was closed
@@ -179,6 +181,15 @@ class CredentialError(SlicefabError):
     default_code = "config"
 
 
+class NetSliceError(SlicefabError):
+    """The host refused a network slice operation (:mod:`hostlib.netslice`): a network
+    namespace that is missing, interfaces left over under the slice's names, an address
+    pool with no free /30, or a netlink request the kernel refused (``details["errno"]``).
+    :attr:`field` names the setting at fault when one is."""
+
+    default_code = "netslice"
+
+
 class TransportError(SlicefabError, _t.TransportError):
     """The frame did not make the round trip. Also a ``hostlib.transport.TransportError``."""
 
@@ -308,6 +319,7 @@ __all__ = [
     "InsufficientResources",
     "LifecycleError",
     "MailboxLayoutError",
+    "NetSliceError",
     "NotFound",
     "PeerClosed",
     "PermissionDenied",
