@@ -11,7 +11,7 @@ FASTPATH_SO := cffi_ext/_slicefab.abi3.so
 FASTPATH_SRC := $(wildcard cffi_ext/src/*.c cffi_ext/src/*.h cffi_ext/include/*.h) cffi_ext/build.py setup.py
 PYTEST_ARGS ?=
 
-.PHONY: setup system-deps demo test test-fast lint typecheck regen bench clean fastpath sanitize
+.PHONY: setup system-deps demo test test-fast lint typecheck regen bench clean fastpath sanitize crash-test
 
 setup: system-deps $(STAMP) $(FASTPATH_SO)
 
@@ -35,6 +35,13 @@ fastpath: $(FASTPATH_SO)
 # the Python differential tests against a sanitized build of the extension (docs/fastpath.md).
 sanitize: setup
 	$(MAKE) -C cffi_ext -f Makefile.sanitize PYTHON=$(abspath $(BIN)/python)
+
+# The crash-consistency test at full length (docs/reliability.md); CI runs 100 points.
+CRASH_POINTS ?= 1000
+CRASH_SEED ?= 1
+crash-test: setup
+	SLICEFAB_CRASH_POINTS=$(CRASH_POINTS) SLICEFAB_CRASH_SEED=$(CRASH_SEED) \
+		$(BIN)/pytest -q -s tests/test_crash.py -k every_crash_point
 
 demo: setup
 	$(BIN)/slicefab demo

@@ -264,6 +264,8 @@ LAZY_BENCHES: dict[str, tuple[str, str]] = {
     "rtl": ("firmware.bench_rtl", "bench_rtl"),  # issue 4: builds and runs simulations
     "qemu": ("slicefab_qemu.bench", "bench_qemu"),  # issue 6: boots guests
     "adaptive": ("firmware.adaptive.bench", "bench_adaptive"),  # issue 9: docs/adaptive.md
+    "crash": ("firmware.crashtest", "bench_crash"),  # issue 8: kills and restarts daemons
+    "load": ("firmware.loadtest", "bench_load"),  # issue 8: 64 VMs against a daemon
 }
 
 

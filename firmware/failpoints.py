@@ -39,6 +39,10 @@ POINTS: dict[str, str] = {
     "fabric.before_writes": "the write list for a reconfiguration is computed, none sent",
     "fabric.after_writes": "the shadow registers are written, the commit is not",
     "fabric.after_commit": "CTRL.commit is written; the ports have not all adopted",
+    "qmp.before_call": "the QEMU backend is about to send a QMP command that changes a VM's "
+    "hardware (qom-set, blockdev-add/del, device_add/del); nothing sent",
+    "qmp.after_call": "QEMU has answered that command (a device_del's DEVICE_DELETED "
+    "included); the backend has not recorded it",
     "reply.before_send": "the response is built; the client has not got it",
     "reply.after_send": "the response is published to the client",
 }

@@ -177,12 +177,18 @@ class Ledger:
         self._queued: list[tuple[list[Record], Future[None]]] = []
         self._work = threading.Condition(threading.Lock())
         self._commit_lock = threading.Lock()
+        self._read_lock = threading.Lock()  # guards _reader
         self._stopping = False
         try:
             self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute(f"PRAGMA synchronous={durability.synchronous}")
             self._db.executescript(_SCHEMA)
+            # a second connection for lookups while the daemon runs: it sees committed
+            # transactions only, and never waits behind the writer's (WAL)
+            self._reader = sqlite3.connect(
+                self.path, check_same_thread=False, isolation_level=None
+            )
         except sqlite3.Error as e:
             raise LedgerError(f"cannot open ledger {self.path}: {e}", path=str(self.path)) from e
         self._check_identity(device_fingerprint)
@@ -231,11 +237,25 @@ class Ledger:
         rows = self._db.execute("SELECT vm, key, mailbox, last_seq FROM vms ORDER BY vm").fetchall()
         return [PutVm(v, bytes(k), m, s) for v, k, m, s in rows]
 
-    def requests(self) -> list[PutRequest]:
+    def requests(self, last: int | None = None) -> list[PutRequest]:
+        """The stored request results, oldest first; only the ``last`` newest if given."""
         rows = self._db.execute(
-            "SELECT owner, request_id, digest, response FROM requests ORDER BY seq"
+            "SELECT owner, request_id, digest, response FROM requests ORDER BY seq DESC"
+            + ("" if last is None else f" LIMIT {int(last)}")
         ).fetchall()
-        return [PutRequest(o, r, d, json.loads(resp)) for o, r, d, resp in rows]
+        return [PutRequest(o, r, d, json.loads(resp)) for o, r, d, resp in reversed(rows)]
+
+    def request(self, owner: str, request_id: str) -> PutRequest | None:
+        """The committed result of request ``request_id`` of ``owner``, if still retained.
+        Safe from any thread while the ledger is being written."""
+        with self._read_lock:
+            row = self._reader.execute(
+                "SELECT digest, response FROM requests WHERE owner = ? AND request_id = ?",
+                (owner, request_id),
+            ).fetchone()
+        if row is None:
+            return None
+        return PutRequest(owner, request_id, row[0], json.loads(row[1]))
 
     def meta(self, key: str) -> str | None:
         row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
@@ -378,4 +398,6 @@ class Ledger:
                 self._stopping = True
                 self._work.notify()
             self._writer.join()
+        with self._read_lock:
+            self._reader.close()
         self._db.close()

@@ -45,7 +45,6 @@ from firmware.errors import (
 from firmware.fabric.driver import FabricDriver
 from firmware.inventory import Device, load_device
 from firmware.ledger import (
-    REQUEST_RETENTION,
     DeleteRequest,
     DeleteSlice,
     Durability,
@@ -60,6 +59,9 @@ from hostlib.mailbox import create_mailbox
 from hostlib.transport import TransportError
 
 ADMIN: str | None = None  # the caller identity of the admin socket / CLI: sees every slice
+#: how many finished requests' results stay in memory for retries; older ones (up to the
+#: ledger's REQUEST_RETENTION) are looked up in the ledger, so memory stays flat under load
+REQUEST_MEMORY = 1024
 _ADMIN_SCOPE = "@admin"  # request-id scope of the admin (no VM id starts with "@")
 REQUEST_ID_MAX = 128
 T = TypeVar("T")
@@ -155,7 +157,7 @@ class ResourceManager:
         next_id = self.ledger.meta("next_slice_id")
         if next_id is not None:
             self.allocator.next_id = max(self.allocator.next_id, int(next_id))
-        for r in self.ledger.requests():
+        for r in self.ledger.requests(last=REQUEST_MEMORY):
             done: Future[dict[str, Any]] = Future()
             done.set_result(r.response)
             self._remember(r.owner, r.request_id, _Pending(r.digest, done))
@@ -414,11 +416,20 @@ class ResourceManager:
         """Refuse if the manager failed; return the earlier execution of this request id if
         there is one; otherwise register this execution as pending. Raises
         IdempotencyConflict when the id was used with different parameters."""
+        stored = None
+        if req.request_id is not None and (req.who, req.request_id) not in self._requests:
+            # an id older than the results kept in memory: the ledger has it (a read on its
+            # own connection, outside the lock; what it finds is committed, so final)
+            stored = self.ledger.request(req.who, req.request_id)
         with self._lock:
             self._check_alive()
             if req.request_id is None:
                 return None
             seen = self._requests.get((req.who, req.request_id))
+            if seen is None and stored is not None:
+                done: Future[dict[str, Any]] = Future()
+                done.set_result(stored.response)
+                seen = _Pending(stored.digest, done)
             if seen is not None:
                 if seen.digest != req.digest:
                     raise IdempotencyConflict(
@@ -581,10 +592,16 @@ class ResourceManager:
                 self._pending_release.discard(sid)
 
     def _remember(self, owner: str, request_id: str, p: _Pending) -> None:
+        """Keep ``p`` in memory; forget the oldest finished results beyond REQUEST_MEMORY
+        (the ledger keeps them). One still running stays: a retry must wait on it."""
         self._requests[(owner, request_id)] = p
         self._requests.move_to_end((owner, request_id))
-        while len(self._requests) > REQUEST_RETENTION:
-            self._requests.popitem(last=False)
+        for _ in range(len(self._requests) - REQUEST_MEMORY):
+            key, oldest = next(iter(self._requests.items()))
+            if not oldest.done.done():
+                self._requests.move_to_end(key)
+                continue
+            del self._requests[key]
 
     def _view(self, s: Slice, state: SliceState | None = None) -> dict[str, Any]:
         d = s.to_dict(self.device.granule_bytes)
@@ -620,6 +637,8 @@ class StateDir:
         self.path.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.ledger = self.path / "ledger.sqlite"
         self.socket = self.path / "admin.sock"
+        #: the behavioural crossbar's registers, which outlive the firmware (fabric/regfile.py)
+        self.crossbar = self.path / "crossbar.regs"
         self._lock_fd: int | None = None
 
     def lock(self) -> None:
@@ -661,13 +680,14 @@ def open_manager(
     durability: Durability = Durability.POWER,
 ) -> ResourceManager:
     """Lock ``state``, open its ledger, recover and program the fabric (the default
-    backend is the behavioural crossbar model)."""
+    backend is the behavioural crossbar model, its registers in ``state.crossbar``)."""
     device = load_device(device_path)
     state.lock()
     try:
         ledger = Ledger(state.ledger, device.fingerprint(), durability=durability)
         try:
-            return ResourceManager(device, ledger, fabric or FabricDriver.with_model(device))
+            fabric = fabric or FabricDriver.with_model(device, state.crossbar)
+            return ResourceManager(device, ledger, fabric)
         except BaseException:
             ledger.close()
             raise

@@ -172,3 +172,96 @@ def test_a_failed_vm_apply_on_free_keeps_the_slice_held(rm: ResourceManager) -> 
     hook.fail = False
     assert rm.free(s["id"])["state"] == "freed"
     assert rm.list_slices() == [] and rm.check_invariants() == []
+
+
+class FakeQemu:
+    """QEMU's device tree as the backend's QMP commands see it: virtio-mem's
+    requested-size, block nodes and NVMe controllers (id → root port)."""
+
+    def __init__(self) -> None:
+        self.memory = 0
+        self.nodes: set[str] = set()
+        self.devices: dict[str, tuple[str, str]] = {}  # id → (bus, drive)
+        self.log: list[str] = []
+
+    def execute(self, command: str, arguments: dict[str, Any] | None = None) -> Any:
+        from slicefab_qemu.errors import QmpFailure
+
+        a = arguments or {}
+        self.log.append(command)
+        if command == "qom-get" and a["property"] == "requested-size":
+            return self.memory
+        if command == "qom-get":
+            dev = a["path"].rsplit("/", 1)[1]
+            return f"/machine/q35/pcie.0/{self.devices[dev][0]}/x"
+        if command == "qom-list":
+            return [{"name": d} for d in self.devices]
+        if command == "qom-set":
+            self.memory = a["value"]
+        elif command == "blockdev-add":
+            if a["node-name"] in self.nodes:
+                raise QmpFailure(command, "GenericError", "Duplicate nodes with node-name")
+            self.nodes.add(a["node-name"])
+        elif command == "blockdev-del":
+            if a["node-name"] not in self.nodes or any(
+                drive == a["node-name"] for _, drive in self.devices.values()
+            ):
+                raise QmpFailure(command, "GenericError", "Node not found or in use")
+            self.nodes.discard(a["node-name"])
+        elif command == "device_add":
+            self.devices[a["id"]] = (a["bus"], a["drive"])
+        elif command == "device_del":
+            del self.devices[a["id"]]
+        return {}
+
+    def execute_and_wait(self, command: str, arguments: dict[str, Any], *rest: Any,
+                         **kw: Any) -> Any:
+        return self.execute(command, arguments)
+
+
+def _session(qemu: FakeQemu) -> Any:
+    from slicefab_qemu.backend import VmSession
+
+    s = VmSession.__new__(VmSession)  # no QEMU to connect to: the fake's QMP instead
+    s.name, s.config, s.unplug_timeout, s.plan_seq = "vm-a", VmConfig("vm-a", root_ports=2), 1.0, -1
+    s.qmp = qemu  # type: ignore[assignment]
+    s.hw = s.read_hardware()
+    return s
+
+
+@pytest.fixture
+def _failpoints_off() -> Any:
+    from firmware import failpoints
+
+    failpoints.disarm()
+    yield failpoints
+    failpoints.disarm()
+
+
+def test_qmp_failpoints_bracket_every_change_and_a_failure_is_undone(
+    _failpoints_off: Any,
+) -> None:
+    """``qmp.before_call``/``qmp.after_call`` fire around each QMP command that changes the
+    VM; an error there is a QMP failure: the apply is undone and the backend's view is read
+    back from QEMU, and the next apply reaches the plan."""
+    fp = _failpoints_off
+    qemu = FakeQemu()
+    session = _session(qemu)
+    want = {7: SliceHw(128 * MiB, nvme=True)}
+    fp.arm("qmp.before_call=error@2")  # the blockdev-add is never sent
+    with pytest.raises(FabricError, match=r"qmp\.before_call.*back as it was"):
+        session.reconcile(want)
+    assert qemu.memory == 0 and not qemu.nodes and not qemu.devices  # memory undone
+    assert "blockdev-add" not in qemu.log
+    # after device_add QEMU has the controller, but the answer is "lost": undone where it
+    # can be, and what QEMU really has is read back
+    fp.arm("qmp.after_call=error@3")
+    with pytest.raises(FabricError, match=r"qmp\.after_call"):
+        session.reconcile(want)
+    assert session.hw.memory == qemu.memory == 0
+    assert session.hw.nvme == {7: "sf-rp0"} and "sf-nvme-7" in qemu.devices
+    assert not fp.armed
+    session.reconcile(want)  # disarmed: reaches the plan
+    assert session.hw.matches(want) and qemu.memory == 128 * MiB
+    session.reconcile({})
+    assert qemu.memory == 0 and not qemu.devices and not qemu.nodes

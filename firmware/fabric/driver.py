@@ -13,6 +13,7 @@ shadow registers, so that a restart after a crash re-programs exactly what diffe
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
 from abi import regmap as rm
@@ -54,17 +55,29 @@ class FabricDriver:
             rm.GEN_OFFSET, rm.GEN_COMMITTED_MASK, rm.GEN_COMMITTED_LSB
         )
         self.image = self.read_image()
+        # The first sync commits even when the shadow registers already hold its image: a
+        # firmware killed between its shadow writes and CTRL.commit left them written but
+        # not in service, and no register tells the shadow from the running configuration.
+        self._recommit = True
         # plans the minimal write list: C fast path unless SLICEFAB_FASTPATH=0
         self._planner = fastpath.image_planner(device)
         self._planner.load(self.image)
 
     @classmethod
-    def with_model(cls, device: Device) -> FabricDriver:
-        """A driver on a fresh behavioural crossbar model (the default backend)."""
+    def with_model(cls, device: Device, registers: Path | None = None) -> FabricDriver:
+        """A driver on the behavioural crossbar model (the default backend): a fresh one at
+        reset, or with ``registers``, one whose configuration registers live in that file
+        and outlive the process (:mod:`firmware.fabric.regfile`, what ``slicefab serve``
+        uses: the state directory's ``crossbar.regs``)."""
         from firmware.fabric.model import CrossbarModel
+        from firmware.fabric.regfile import PersistentCrossbar
 
         xb = device.crossbar
-        model = CrossbarModel(n_ports=xb.ports, n_keys=device.keys, data_bytes=xb.data_bytes)
+        model = (
+            CrossbarModel(n_ports=xb.ports, n_keys=device.keys, data_bytes=xb.data_bytes)
+            if registers is None
+            else PersistentCrossbar(registers, xb.ports, device.keys, xb.data_bytes)
+        )
         return cls(device, model, backend="model", advance=lambda: model.step(1))
 
     def _read_field(self, offset: int, mask: int, lsb: int) -> int:
@@ -113,22 +126,27 @@ class FabricDriver:
 
     def sync(self, demand: Sequence[img.PortDemand]) -> int:
         """Program the image implied by the per-port ``demand``; returns the number of
-        register writes (0 when nothing changed: no commit is issued then).
+        register writes (0 when nothing changed: no commit is issued then, except at the
+        first sync, which always commits: see ``__init__``).
 
         The planner (:mod:`firmware.fastpath`) compares the new image with the one the
         crossbar holds and returns only the registers that differ, in address order."""
         writes = self._planner.plan(demand)
-        if writes:
+        if writes or self._recommit:
+            # A commit alone (nothing differs) puts into service what the shadow holds:
+            # a crash before or after it leaves what a crash before the sync would, so it
+            # is not bracketed by the failpoints.
+            bracket = failpoints.armed and bool(writes)
             try:
-                if failpoints.armed:
+                if bracket:
                     failpoints.hit("fabric.before_writes", FabricError)
                 for addr, value in writes:
                     self.bus.write(addr, value)
-                if failpoints.armed:
+                if bracket:
                     failpoints.hit("fabric.after_writes", FabricError)
                 self.bus.write(rm.CTRL_OFFSET, rm.CTRL_COMMIT_MASK)
                 self.generation = (self.generation + 1) & rm.GEN_COMMITTED_MASK
-                if failpoints.armed:
+                if bracket:
                     failpoints.hit("fabric.after_commit", FabricError)
                 self._wait_adopted()
             except BaseException:
@@ -137,15 +155,21 @@ class FabricDriver:
             self.image.update(writes)
             self.syncs += 1
             self.writes += len(writes) + 1
+            self.last_writes = len(writes) + 1
+            self._recommit = False
+        else:
+            self.last_writes = 0
         self._planner.applied()
-        self.last_writes = len(writes) + 1 if writes else 0
         return self.last_writes
 
     def _forget_programmed(self) -> None:
         """After a failed sync the crossbar's shadow registers hold an unknown mix of old
         and new values, which the next commit would put into service: forget what we
         believe was programmed and read the registers back, so the next sync compares
-        against what the crossbar really holds and overwrites every stale value."""
+        against what the crossbar really holds and overwrites every stale value. The next
+        sync also commits when nothing differs: the shadow may already hold the image
+        that was never put into service."""
+        self._recommit = True
         try:
             self.image = self.read_image()
             gen = self.bus.read(rm.GEN_OFFSET)

@@ -544,6 +544,40 @@ class CrossbarModel:
             if port.transfer is None:
                 port.adopt()
 
+    def restore(
+        self, shadow: Mapping[int, int], committed: Mapping[int, int], generation: int
+    ) -> None:
+        """Power up in the state a device kept while its firmware was away (used by
+        :class:`firmware.fabric.regfile.PersistentCrossbar`): the ``shadow`` registers, and
+        every port running the ``committed`` configuration (same addresses) of
+        ``generation``. Nothing may be in flight. Raises FabricError for a missing
+        register, a value with bits the register does not have, or a generation beyond
+        GEN.committed's width."""
+        if not self.idle or not 0 <= generation < _GEN_MODULUS:
+            raise FabricError(
+                f"restore: generation {generation} (0..{_GEN_MODULUS - 1}) on an idle "
+                "crossbar expected", field="generation", value=generation,
+            )
+        for p, port in enumerate(self._inputs):
+            values: dict[str, dict[int, int]] = {"shadow": {}, "committed": {}}
+            for name, regs in (("shadow", shadow), ("committed", committed)):
+                for offset, (_reset, mask) in _SHADOW.items():
+                    addr = port_reg(p, offset)
+                    if addr not in regs or regs[addr] & ~mask:
+                        raise FabricError(
+                            f"restore: {name} register {addr:#06x} (port[{p}]."
+                            f"{PORT_REGISTERS[offset]}) is {regs.get(addr)!r}, expected a "
+                            f"value within mask {mask:#010x}",
+                            field=name, address=addr,
+                        )
+                    self._check_existing_bits(p, offset, regs[addr])
+                    values[name][offset] = regs[addr]
+            port.shadow = values["shadow"]
+            port.active = _decode_shadow(tuple(values["committed"][o] for o in _SHADOW))
+            port.active_gen = generation
+            port.staged = None
+        self._committed = generation
+
     def _pending(self) -> bool:
         return any(port.staged is not None for port in self._inputs)
 

@@ -54,7 +54,9 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import Any
 
+from firmware import failpoints
 from firmware.allocator import Allocator
 from firmware.errors import FabricError, InsufficientResources
 from firmware.inventory import Device
@@ -216,37 +218,57 @@ class VmSession:
     def _memory(self, size: int) -> None:
         """Set the virtio-mem target. The guest plugs or unplugs on its own; a shrink is
         not waited for (see the module docstring)."""
-        self.qmp.execute(
+        self._change(
             "qom-set", {"path": _dev(VMEM_DEV), "property": "requested-size", "value": size}
         )
         self.hw.memory = size
 
     def _nvme_add(self, sid: int, port: str) -> None:
         node = f"{NVME_PREFIX}{sid}-blk"
-        self.qmp.execute(
-            "blockdev-add",
-            {"driver": "null-co", "node-name": node, "size": NVME_BLOCK_SIZE, "read-zeroes": True},
-        )
         try:
-            self.qmp.execute(
+            self._change(
+                "blockdev-add",
+                {"driver": "null-co", "node-name": node, "size": NVME_BLOCK_SIZE,
+                 "read-zeroes": True},
+            )
+            self._change(
                 "device_add",
                 {"driver": "nvme", "id": f"{NVME_PREFIX}{sid}", "serial": nvme_serial(sid),
                  "drive": node, "bus": port},
             )
         except VmError:
+            # also when the failure came after QEMU took the node (a lost answer): a node
+            # left behind would refuse the next add of this slice as a duplicate
             with contextlib.suppress(VmError):
-                self.qmp.execute("blockdev-del", {"node-name": node})
+                self._change("blockdev-del", {"node-name": node})
             raise
         self.hw.nvme[sid] = port
 
     def _nvme_del(self, sid: int) -> None:
         dev = f"{NVME_PREFIX}{sid}"
-        self.qmp.execute_and_wait(
-            "device_del", {"id": dev}, "DEVICE_DELETED", {"device": dev},
-            timeout=self.unplug_timeout,
-        )
+        self._change("device_del", {"id": dev}, wait=("DEVICE_DELETED", {"device": dev}))
         self.hw.nvme.pop(sid, None)
-        self.qmp.execute("blockdev-del", {"node-name": f"{dev}-blk"})
+        self._change("blockdev-del", {"node-name": f"{dev}-blk"})
+
+    def _change(
+        self, command: str, arguments: dict[str, Any],
+        wait: tuple[str, dict[str, Any]] | None = None,
+    ) -> Any:
+        """One QMP command that changes the VM's hardware (a durable step: it outlives the
+        firmware), bracketed by the ``qmp.before_call`` / ``qmp.after_call`` failpoints;
+        ``wait``: the event (name, data to match) that completes it. An ``error``
+        failpoint is a QMP failure (VmError), undone like QEMU's own refusals."""
+        if failpoints.armed:
+            failpoints.hit("qmp.before_call", VmError)
+        if wait is None:
+            result = self.qmp.execute(command, arguments)
+        else:
+            result = self.qmp.execute_and_wait(
+                command, arguments, wait[0], wait[1], timeout=self.unplug_timeout
+            )
+        if failpoints.armed:
+            failpoints.hit("qmp.after_call", VmError)
+        return result
 
 
 def _dev(dev_id: str) -> str:
