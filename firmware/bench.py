@@ -266,6 +266,8 @@ LAZY_BENCHES: dict[str, tuple[str, str]] = {
     "adaptive": ("firmware.adaptive.bench", "bench_adaptive"),  # issue 9: docs/adaptive.md
     "crash": ("firmware.crashtest", "bench_crash"),  # issue 8: kills and restarts daemons
     "load": ("firmware.loadtest", "bench_load"),  # issue 8: 64 VMs against a daemon
+    "placement": ("firmware.pool.bench", "bench_placement"),  # issue 7: docs/pool.md
+    "pool": ("firmware.pool.bench", "bench_pool"),  # issue 7: starts etcd + 3 devices
 }
 
 

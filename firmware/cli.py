@@ -28,6 +28,7 @@ from firmware.errors import SlicefabError
 from firmware.inventory import load_device
 from firmware.ledger import Durability
 from firmware.manager import StateDir, default_state_dir, open_manager
+from firmware.pool import cli as pool_cli
 from hostlib.transport import PeerClosed, TransportError
 
 console = Console()
@@ -125,10 +126,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     vmm = None
     mailboxes: MailboxService | None = None
     endpoint = None
+    member = None
     adaptive = None
     try:
         server = AdminServer(state.socket, api)
         server.start()
+        member = pool_cli.start_member(args, manager, state)  # --pool: docs/pool.md
         vmm = None if args.no_qemu else _qemu_backend(manager, state)
         mailboxes = MailboxService(api, state.path, sockets=args.vm_sockets)
         mailboxes.refresh()
@@ -144,7 +147,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             f"({n} slice{'s' if n != 1 else ''} recovered, fabric generation "
             f"{manager.fabric.generation}, {len(mailboxes.channels())} VM mailboxes, "
             f"durability {args.durability}"
-            + (f", metrics on {endpoint.url})" if endpoint is not None else ")"),
+            + (f", metrics on {endpoint.url}" if endpoint is not None else "")
+            + (f", pool member {args.device_id})" if member is not None else ")"),
             flush=True,
         )
         while not stopping.wait(0.2):  # a timed wait lets the signal handlers run
@@ -152,6 +156,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     finally:
         if adaptive is not None:
             adaptive.stop()
+        if member is not None:
+            member.stop()
         if endpoint is not None:
             endpoint.stop()
         if server is not None:
@@ -609,6 +615,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="how often the adaptive controller samples and decides (default 10; 0: off; "
         "docs/adaptive.md)",
     )
+    pool_cli.add_serve_arguments(s)
     s.set_defaults(func=cmd_serve)
 
     dev = sub.add_parser("device", help="the device inventory").add_subparsers(
@@ -706,6 +713,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_top_arguments(tp)
     tp.set_defaults(func=cmd_top)
 
+    pool_cli.add_pool_commands(sub, console)
+
     dm = sub.add_parser("demo", parents=[common], help="a scripted session of a few VMs")
     dm.add_argument(
         "--keep",
@@ -719,7 +728,8 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", parents=[common], help="run a benchmark, print its figures")
     b.add_argument(
         "name",
-        help="alloc, mailbox, fastpath, metrics, rtl, qemu or adaptive (docs/benchmarks.md)",
+        help="alloc, mailbox, fastpath, metrics, rtl, synth, qemu, adaptive, placement or "
+        "pool (docs/benchmarks.md, docs/pool.md)",
     )
     b.add_argument("--quick", action="store_true", help="shorter run (for tests)")
     b.set_defaults(func=cmd_bench)

@@ -45,6 +45,10 @@ POINTS: dict[str, str] = {
     "included); the backend has not recorded it",
     "reply.before_send": "the response is built; the client has not got it",
     "reply.after_send": "the response is published to the client",
+    "etcd.before_txn": "a pool composer placed a composition; its reservation transaction "
+    "is not sent (firmware/pool/composer.py)",
+    "etcd.after_txn": "the reservation transaction committed in etcd; the composer has not "
+    "waited for the devices to program their parts",
 }
 
 ACTIONS = ("crash", "error")
