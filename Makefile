@@ -11,7 +11,7 @@ FASTPATH_SO := cffi_ext/_slicefab.abi3.so
 FASTPATH_SRC := $(wildcard cffi_ext/src/*.c cffi_ext/src/*.h cffi_ext/include/*.h) cffi_ext/build.py setup.py
 PYTEST_ARGS ?=
 
-.PHONY: setup system-deps demo test test-fast lint typecheck regen bench clean fastpath sanitize crash-test
+.PHONY: setup system-deps demo test test-fast lint typecheck regen bench clean fastpath sanitize crash-test synth waves
 
 setup: system-deps $(STAMP) $(FASTPATH_SO)
 
@@ -35,13 +35,6 @@ fastpath: $(FASTPATH_SO)
 # the Python differential tests against a sanitized build of the extension (docs/fastpath.md).
 sanitize: setup
 	$(MAKE) -C cffi_ext -f Makefile.sanitize PYTHON=$(abspath $(BIN)/python)
-
-# The crash-consistency test at full length (docs/reliability.md); CI runs 100 points.
-CRASH_POINTS ?= 1000
-CRASH_SEED ?= 1
-crash-test: setup
-	SLICEFAB_CRASH_POINTS=$(CRASH_POINTS) SLICEFAB_CRASH_SEED=$(CRASH_SEED) \
-		$(BIN)/pytest -q -s tests/test_crash.py -k every_crash_point
 
 demo: setup
 	$(BIN)/slicefab demo
@@ -69,6 +62,22 @@ regen: setup
 
 bench: setup
 	$(BIN)/slicefab bench alloc
+
+# The crossbar's LUT/FF counts from yosys (docs/rtl.md, "Synthesis"): 6 CPU minutes.
+synth: setup
+	$(BIN)/slicefab bench synth
+
+# docs/rtl-reconfiguration.svg: a reconfiguration simulated on Verilator, its VCD rendered
+# with WaveDrom (docs/rtl.md, "Reconfiguration protocol").
+waves: setup
+	$(BIN)/python rtl/tb/slicefab_xbar/waves.py
+
+# The crash-consistency test at full length (docs/reliability.md); CI runs 100 points.
+CRASH_POINTS ?= 1000
+CRASH_SEED ?= 1
+crash-test: setup
+	SLICEFAB_CRASH_POINTS=$(CRASH_POINTS) SLICEFAB_CRASH_SEED=$(CRASH_SEED) \
+		$(BIN)/pytest -q -s tests/test_crash.py -k every_crash_point
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis

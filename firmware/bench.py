@@ -262,6 +262,7 @@ BENCHES: dict[str, Callable[[bool], dict[str, Any]]] = {"alloc": bench_alloc}
 LAZY_BENCHES: dict[str, tuple[str, str]] = {
     "metrics": ("firmware.bench_metrics", "bench_metrics"),  # issue 8, telemetry
     "rtl": ("firmware.bench_rtl", "bench_rtl"),  # issue 4: builds and runs simulations
+    "synth": ("firmware.bench_synth", "bench_synth"),  # issue 4: yosys LUT/FF counts
     "qemu": ("slicefab_qemu.bench", "bench_qemu"),  # issue 6: boots guests
     "adaptive": ("firmware.adaptive.bench", "bench_adaptive"),  # issue 9: docs/adaptive.md
     "crash": ("firmware.crashtest", "bench_crash"),  # issue 8: kills and restarts daemons

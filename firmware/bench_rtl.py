@@ -120,8 +120,5 @@ def bench_rtl(quick: bool) -> dict[str, Any]:
         figures[f"simulation speed {s}, N=4, cocotb traffic on every port"] = (
             f"{speed:,.0f} cycles/s"
         )
-    figures["synthesis (yosys)"] = (
-        "not measured: yosys (Debian 0.23, and 0.70) cannot read the unpacked-array ports "
-        "of the etana register block (docs/rtl.md)"
-    )
+    figures["synthesis (yosys)"] = "slicefab bench synth (docs/rtl.md, Synthesis)"
     return figures

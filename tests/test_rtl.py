@@ -56,6 +56,12 @@ def test_rtl_matches_model_on_verilator() -> None:
     rtlsim.run("test_differential", 4, 64, sim="verilator")
 
 
+def test_commit_while_packet_in_flight() -> None:
+    """The reconfiguration that docs/rtl.md draws (rtl/tb/slicefab_xbar/waves.py): a packet
+    in flight finishes under the old configuration, the next one goes under the new."""
+    rtlsim.run("test_waves", 2, 8)
+
+
 @needs_verilator
 @pytest.mark.parametrize(("n_ports", "data_width"), [(1, 8), (3, 32), (4, 64), (8, 512), (64, 64)])
 def test_verilator_lint_wall_clean(n_ports: int, data_width: int) -> None:

@@ -16,6 +16,7 @@ vectors (``s_axis_tdata[N*W-1:0]``): :func:`wrapper_verilog` writes the thin top
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import shutil
 import sys
@@ -61,12 +62,18 @@ def simulator(name: str | None = None) -> str:
 
 
 def build_root() -> Path:
-    """``$SLICEFAB_RTL_BUILD``, else ``<system temp>/slicefab-rtl``."""
+    """``$SLICEFAB_RTL_BUILD``, else ``<system temp>/slicefab-rtl-<checkout>``: one per
+    checkout, since a simulator's build records the absolute paths of the sources it was
+    built from (Verilator's make dependencies), and a second checkout reusing it fails."""
     env = os.environ.get("SLICEFAB_RTL_BUILD")
-    return Path(env) if env else Path(tempfile.gettempdir()) / "slicefab-rtl"
+    if env:
+        return Path(env)
+    checkout = hashlib.sha256(str(RTL_DIR.resolve()).encode()).hexdigest()[:10]
+    return Path(tempfile.gettempdir()) / f"slicefab-rtl-{checkout}"
 
 
-def _check_params(n_ports: int, data_width: int) -> None:
+def check_params(n_ports: int, data_width: int) -> None:
+    """Raises FabricError unless 1 <= n_ports <= 64 and data_width is 8..2040, a multiple of 8."""
     if not 1 <= n_ports <= 64:
         raise FabricError(
             f"n_ports={n_ports} out of range: the crossbar has 1..64 ports",
@@ -84,7 +91,7 @@ def _check_params(n_ports: int, data_width: int) -> None:
 
 def wrapper_verilog(n_ports: int, data_width: int) -> str:
     """The cocotb top level: one AXI4-Stream interface per port around ``slicefab_xbar``."""
-    _check_params(n_ports, data_width)
+    check_params(n_ports, data_width)
     keep = data_width // 8
     widths = {
         "tdata": data_width,
@@ -201,17 +208,20 @@ def sim_env() -> dict[str, str]:
     return env
 
 
-def build_dir(n_ports: int, data_width: int, sim: str | None = None) -> Path:
-    return build_root() / f"{simulator(sim)}-n{n_ports}-w{data_width}"
+def build_dir(n_ports: int, data_width: int, sim: str | None = None, waves: bool = False) -> Path:
+    return build_root() / f"{simulator(sim)}-n{n_ports}-w{data_width}{'-waves' if waves else ''}"
 
 
-def build(n_ports: int, data_width: int, sim: str | None = None) -> tuple[Runner, Path]:
+def build(
+    n_ports: int, data_width: int, sim: str | None = None, waves: bool = False
+) -> tuple[Runner, Path]:
     """Compile the crossbar with its wrapper (skipped when up to date); returns the runner
-    (which must also run the tests) and the build dir."""
+    (which must also run the tests) and the build dir. ``waves``: a build of its own that
+    records every signal (Verilator: ``dump.vcd`` in the run folder; Icarus: an FST)."""
     from cocotb_tools.runner import get_runner
 
     sim = simulator(sim)
-    out = build_dir(n_ports, data_width, sim)
+    out = build_dir(n_ports, data_width, sim, waves)
     out.mkdir(parents=True, exist_ok=True)
     wrapper = out / f"{TOPLEVEL}.sv"
     text = wrapper_verilog(n_ports, data_width)
@@ -235,6 +245,7 @@ def build(n_ports: int, data_width: int, sim: str | None = None) -> tuple[Runner
             build_args=args,
             timescale=("1ns", "1ps"),
             always=False,
+            waves=waves,
         )
     return runner, out
 
@@ -249,12 +260,13 @@ def run(
     sim: str | None = None,
     seed: int | None = None,
     log_file: Path | None = None,
+    waves: bool = False,
 ) -> Path:
     """Run the cocotb ``test_module`` (a module of ``rtl/tb/slicefab_xbar``); returns the
     results XML. Under pytest a failing cocotb test fails the calling pytest test. The
     simulator's output goes to ``log_file`` if given, else to this process's stdout."""
     sim = simulator(sim)
-    runner, out = build(n_ports, data_width, sim)
+    runner, out = build(n_ports, data_width, sim, waves)
     env = {
         "PYTHONWARNINGS": "ignore::DeprecationWarning",
         "XBAR_N_PORTS": str(n_ports),
@@ -273,6 +285,7 @@ def run(
             extra_env=env,
             seed=seed,
             log_file=log_file,
+            waves=waves,
         )
 
 
