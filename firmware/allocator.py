@@ -14,15 +14,15 @@ reach which output port) can isolate VMs from one another. Bandwidth QoS applies
 crossbar port of a slice: the guaranteed bandwidth of all slices on a port never exceeds
 its capacity (admission control); the maximum is enforced by the port's token bucket.
 
-The unit searches (free cores, aligned lane groups, free memory extents) run in C
-(:mod:`firmware.resources.fast`) unless ``SLICEFAB_FASTPATH=0`` selects the Python
-references of :mod:`firmware.resources`; the two give identical results
-(``tests/test_fastpath_alloc.py``). The policy and bookkeeping here are shared.
+This class is the pure-Python reference. Unless ``SLICEFAB_FASTPATH=0``, ``Allocator(device)``
+builds its C twin, :class:`firmware.fastalloc.CAllocator`: same interface, same results
+(``tests/test_fastpath_alloc.py``), with an allocation's and a release's whole transaction
+(key, ports, cores, memory, lanes) in one C call.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, MutableSequence
 from dataclasses import dataclass, field, replace
 
 from firmware import fastpath
@@ -86,35 +86,45 @@ class PortState:
 
 
 class Allocator:
-    """Allocate, resize and free slices on one device. Not thread-safe: the manager locks."""
+    """Allocate, resize and free slices on one device. Not thread-safe: the manager locks.
+
+    ``Allocator(device)`` is the C fast path (:class:`firmware.fastalloc.CAllocator`, a
+    subclass) unless ``SLICEFAB_FASTPATH=0`` selects this pure-Python reference.
+    """
+
+    fastpath = False
+    # who holds each key and how many slices use it; each crossbar port's totals
+    key_owner: MutableSequence[str | None]
+    key_users: MutableSequence[int]
+    ports: list[PortState]
+
+    def __new__(cls, device: Device) -> Allocator:
+        if cls is Allocator and fastpath.enabled():
+            from firmware.fastalloc import CAllocator
+
+            cls = CAllocator
+        return super().__new__(cls)
 
     def __init__(self, device: Device) -> None:
-        self.device = device
-        self.fastpath = fastpath.enabled()
-        self.cores: CoreAllocator
-        self.memory: ExtentAllocator
-        self.lanes: LaneAllocator
-        if self.fastpath:
-            from firmware.resources.fast import CCoreAllocator, CExtentAllocator, CLaneAllocator
-
-            self.cores = CCoreAllocator(device.cluster_sizes)
-            self.memory = CExtentAllocator(device.granules)
-            self.lanes = CLaneAllocator(device.port_lanes)
-        else:
-            self.cores = CoreAllocator(device.cluster_sizes)
-            self.memory = ExtentAllocator(device.granules)
-            self.lanes = LaneAllocator(device.port_lanes)
-        # device figures read on every request (Device computes them on each access)
-        self._n_cores = device.cores
-        self._endpoint_lanes = device.endpoint_lanes
-        self._port_mbps = device.crossbar.port_mbps
-        self.key_owner: list[str | None] = [None] * device.keys
-        self.key_users: list[int] = [0] * device.keys
+        self._setup(device)
+        self.cores: CoreAllocator = CoreAllocator(device.cluster_sizes)
+        self.memory: ExtentAllocator = ExtentAllocator(device.granules)
+        self.lanes: LaneAllocator = LaneAllocator(device.port_lanes)
+        self.key_owner = [None] * device.keys
+        self.key_users = [0] * device.keys
         self.ports = [PortState() for _ in range(device.crossbar.ports)]
         # VM -> the ports it holds (PortState.owner), so that picking a VM's ports does not
         # scan every port; check_invariants() recomputes it from self.ports
         self._vm_ports: dict[str, set[int]] = {}
         self._free_ports: set[int] = set(range(device.crossbar.ports))  # held by no VM
+
+    def _setup(self, device: Device) -> None:
+        """What both paths keep in Python: the device, its figures, the slice table."""
+        self.device = device
+        # device figures read on every request (Device computes them on each access)
+        self._n_cores = device.cores
+        self._endpoint_lanes = device.endpoint_lanes
+        self._port_mbps = device.crossbar.port_mbps
         self.slices: dict[int, Slice] = {}
         self._withdrawn: set[int] = set()  # RELEASING slices already out of the port totals
         self.next_id = 1
@@ -569,14 +579,14 @@ class Allocator:
             elif None in owners:
                 wanted = owners.index(None)
             else:
-                raise InsufficientResources("protection keys", 1, 0, "keys")
+                raise no_key()
         self._claim_key(owner, wanted)
         return wanted
 
     def _claim_key(self, owner: str, key: int) -> None:
         holder = self.key_owner[key]
         if holder is not None and holder != owner:
-            raise ResourceConflict(f"key {key} is held by another VM", key=key)
+            raise key_held(key)
         self.key_owner[key] = owner
         self.key_users[key] += 1
 
@@ -607,10 +617,7 @@ class Allocator:
         elif need > 0:
             picked += sorted(self._free_ports)[:need]
         if len(picked) < count:
-            what = "crossbar ports"
-            if qos.guaranteed_mbps:
-                what += f" (with {format_bandwidth(qos.guaranteed_mbps)} of guaranteed headroom)"
-            raise InsufficientResources(what, count, len(picked), "ports")
+            raise no_ports(qos, count, len(picked))
         chosen = tuple(sorted(picked))
         self._claim_ports(owner, chosen, qos, key)
         return chosen
@@ -620,12 +627,7 @@ class Allocator:
         for p in ports:
             after = self.ports[p].guaranteed_mbps + delta
             if after > cap:
-                raise InsufficientResources(
-                    f"guaranteed bandwidth on crossbar port {p}",
-                    delta,
-                    cap - self.ports[p].guaranteed_mbps,
-                    "Mbit/s",
-                )
+                raise no_headroom(p, delta, cap - self.ports[p].guaranteed_mbps)
 
     def _claim_ports(self, owner: str, ports: Iterable[int], qos: QoS, key: int) -> None:
         """Add one slice to the totals of ``ports`` (all-or-nothing)."""
@@ -633,7 +635,7 @@ class Allocator:
         for p in ports:
             holder = self.ports[p].owner
             if holder is not None and holder != owner:
-                raise ResourceConflict(f"crossbar port {p} is held by another VM", port=p)
+                raise port_held(p)
         self._admit_bandwidth(ports, qos.guaranteed_mbps)
         limit = qos.limit_mbps(self.device.crossbar.port_mbps)
         for p in ports:
@@ -774,19 +776,12 @@ class Allocator:
                 bad.append(
                     f"port {i}: {p.quarantined} quarantined, {withdrawn_here} withdrawn slices"
                 )
-            if p.owner is not None and i not in self._vm_ports.get(p.owner, ()):
-                bad.append(f"port {i}: held by {p.owner} but missing from its port index")
-            if (p.owner is None) != (i in self._free_ports):
-                bad.append(f"port {i}: held by {p.owner} but the free-port index disagrees")
             vms_here = port_holders.get(i, set())
             if p.owner is not None and p.owner not in vms_here:
                 bad.append(f"port {i} held by {p.owner} with no slice of it on the port")
             if vms_here and p.owner is None:
                 bad.append(f"port {i} is free but slices of {sorted(vms_here)} are on it")
-        for vm, indexed in self._vm_ports.items():
-            stray = sorted(i for i in indexed if self.ports[i].owner != vm)
-            if stray or not indexed:
-                bad.append(f"port index: {vm} listed on ports {stray or '(none)'} it does not hold")
+        bad += self._index_violations()
         for k in range(dev.keys):
             users = sum(1 for s in live if s.alloc.key == k)
             if users != self.key_users[k] or (users == 0) != (self.key_owner[k] is None):
@@ -798,6 +793,48 @@ class Allocator:
                 if self.memory.is_free(e) if e.length else False:
                     bad.append(f"slice {s.id} extent {e} is also free")
         return bad
+
+    def _index_violations(self) -> list[str]:
+        """The port indexes (``_vm_ports``, ``_free_ports``) against ``ports``."""
+        bad: list[str] = []
+        for i, p in enumerate(self.ports):
+            if p.owner is not None and i not in self._vm_ports.get(p.owner, ()):
+                bad.append(f"port {i}: held by {p.owner} but missing from its port index")
+            if (p.owner is None) != (i in self._free_ports):
+                bad.append(f"port {i}: held by {p.owner} but the free-port index disagrees")
+        for vm, indexed in self._vm_ports.items():
+            stray = sorted(i for i in indexed if self.ports[i].owner != vm)
+            if stray or not indexed:
+                bad.append(f"port index: {vm} listed on ports {stray or '(none)'} it does not hold")
+        return bad
+
+
+# The errors of the key and port steps, one definition for both paths.
+
+
+def no_key() -> InsufficientResources:
+    return InsufficientResources("protection keys", 1, 0, "keys")
+
+
+def key_held(key: int) -> ResourceConflict:
+    return ResourceConflict(f"key {key} is held by another VM", key=key)
+
+
+def no_ports(qos: QoS, count: int, found: int) -> InsufficientResources:
+    what = "crossbar ports"
+    if qos.guaranteed_mbps:
+        what += f" (with {format_bandwidth(qos.guaranteed_mbps)} of guaranteed headroom)"
+    return InsufficientResources(what, count, found, "ports")
+
+
+def port_held(port: int) -> ResourceConflict:
+    return ResourceConflict(f"crossbar port {port} is held by another VM", port=port)
+
+
+def no_headroom(port: int, delta: int, headroom: int) -> InsufficientResources:
+    return InsufficientResources(
+        f"guaranteed bandwidth on crossbar port {port}", delta, headroom, "Mbit/s"
+    )
 
 
 def _truncate(

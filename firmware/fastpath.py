@@ -136,6 +136,8 @@ FIELD_LABELS: Final[Mapping[str, str]] = {
     "MAX_EXTENTS": "max_extents",
     "N_SLICES": "slices",
     "MAX_BW": "max_mbps",
+    "MEMORY": "memory",
+    "SLICE": "slice record",
 }
 
 #: what each negative SF_E* status of slicefab_fast.h means

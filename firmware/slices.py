@@ -76,9 +76,16 @@ _TRANSITIONS: dict[SliceState, frozenset[SliceState]] = {
 LIVE_STATES = frozenset({SliceState.RESERVED, SliceState.PROGRAMMED, SliceState.ACTIVE})
 
 
+# The same table keyed by the states' values: looking a member up hashes it through the
+# Python-level Enum.__hash__, which was a tenth of a release; a str hash is cached.
+_ALLOWED: dict[str, frozenset[str]] = {
+    state.value: frozenset(n.value for n in allowed) for state, allowed in _TRANSITIONS.items()
+}
+
+
 def check_transition(current: SliceState, new: SliceState) -> None:
     """Raise :class:`LifecycleError` unless ``current -> new`` is a legal transition."""
-    if new not in _TRANSITIONS[current]:
+    if new._value_ not in _ALLOWED[current._value_]:
         allowed = ", ".join(sorted(s.value for s in _TRANSITIONS[current])) or "none (terminal)"
         raise LifecycleError(
             f"illegal slice transition {current.value} -> {new.value} (allowed: {allowed})",
@@ -321,6 +328,23 @@ class Allocation:
     lanes: LaneGroup | None = None
     key: int = 0
     ports: tuple[int, ...] = ()
+
+    def __init__(
+        self,
+        cores: tuple[int, ...] = (),
+        extents: tuple[Extent, ...] = (),
+        lanes: LaneGroup | None = None,
+        key: int = 0,
+        ports: tuple[int, ...] = (),
+    ) -> None:
+        # As Extent.__init__: the instance dict instead of one object.__setattr__ per field
+        # (an allocation is built per slice, on both paths).
+        d = self.__dict__
+        d["cores"] = cores
+        d["extents"] = extents
+        d["lanes"] = lanes
+        d["key"] = key
+        d["ports"] = ports
 
     @property
     def granules(self) -> int:

@@ -28,6 +28,7 @@ def test_bench_fastpath_prints_named_figures() -> None:
         "alloc_free_ops_per_s_c",
         "alloc_free_ops_per_s_python",
         "alloc_free_ratio_c_vs_python",
+        "alloc_free_cpu_ratio_c_vs_python",
         "mix_ratio_c_vs_python",
     ):
         assert isinstance(figures[key], (int, float)) and figures[key] > 0, key

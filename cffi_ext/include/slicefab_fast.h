@@ -61,6 +61,8 @@ extern "C" {
 #define SF_F_MAX_EXTENTS 23
 #define SF_F_N_SLICES 24
 #define SF_F_MAX_BW 25
+#define SF_F_MEMORY 26
+#define SF_F_SLICE 27
 
 #define SF_SHADOW_REGS 6
 #define SF_MAX_PORTS 64
@@ -235,6 +237,140 @@ int sf_extents_give(sf_extents *e, const sf_extent *ext, uint32_t n, sf_error *e
  * the granules after it are not all free (nothing changes). SF_ECONFLICT: part of it is free. */
 int sf_extents_extend(sf_extents *e, uint32_t start, uint32_t length, uint32_t granules,
                       int *grown, sf_error *err);
+/* ---- the allocator's transaction: a slice's key, crossbar ports, cores, memory and lanes
+ *      taken or given back in one call (firmware/allocator.py is the reference) ---- */
+
+typedef struct sf_alloc sf_alloc;
+
+#define SF_NOBODY 4294967295  /* owner of a free key or port; VM numbers are below it */
+
+/* what a slice's lanes request is (sf_request.lane_mode) */
+#define SF_LANES_NONE 0
+#define SF_LANES_SEARCH 1   /* any free aligned group, avoiding the endpoint lanes */
+#define SF_LANES_EXACT 2    /* lane_port/lane_first; refused if it touches an endpoint lane */
+#define SF_LANES_PINNED 3   /* lane_port/lane_first exactly (an endpoint's own group) */
+
+/* sf_alloc_allocate_simple flags: which parts the slice asks for */
+#define SF_ASK_CORES 1
+#define SF_ASK_MEMORY 2
+#define SF_ASK_LANES 4
+#define SF_ASK_SAME_CLUSTER 8
+#define SF_ASK_CONTIGUOUS 16
+
+/* the step of a transaction that failed (out[0] on failure), in the reference's order */
+#define SF_STEP_SPEC 0
+#define SF_STEP_KEY 1
+#define SF_STEP_PORTS 2
+#define SF_STEP_CORES 3
+#define SF_STEP_MEMORY 4
+#define SF_STEP_LANES 5
+
+typedef struct {
+    uint32_t n_keys;            /* 1..SF_MAX_KEYS */
+    uint32_t n_ports;           /* 1..SF_MAX_PORTS crossbar ports */
+    uint64_t port_mbps;         /* 1..SF_MAX_MBPS */
+    uint64_t granule_bytes;     /* >= 1 */
+    uint64_t memory_bytes;      /* the device's memory; granules = memory_bytes / granule_bytes */
+    uint32_t max_extents;       /* extents per slice, 1..65536 */
+    const uint32_t *endpoint_lanes; /* lanes wired to endpoints (may be NULL when n is 0) */
+    uint32_t n_endpoint_lanes;
+} sf_alloc_params;
+
+typedef struct {
+    uint32_t owner;             /* the VM's number, < SF_NOBODY */
+    int64_t key;                /* -1: the VM's lowest key, else the lowest free one */
+    int64_t ports;              /* crossbar ports wanted, <= n_ports (<= 0: none) */
+    int64_t priority;           /* 0..SF_MAX_PRIORITY */
+    int64_t guaranteed_mbps;    /* 0..port_mbps */
+    int64_t max_mbps;           /* 0 (the port's capacity) or 1..port_mbps */
+    int32_t has_cores;
+    int64_t cores;              /* count (>= 1) */
+    int32_t same_cluster;
+    const uint32_t *core_ids;   /* NULL, or `cores` pinned ids (validated by the caller) */
+    int32_t has_memory;
+    int64_t memory_bytes;       /* a multiple of granule_bytes, >= one granule */
+    int32_t contiguous;
+    int32_t lane_mode;          /* SF_LANES_* */
+    int64_t lane_width;
+    uint32_t lane_port, lane_first; /* EXACT and PINNED */
+} sf_request;
+
+/* What a transaction took, as sf_alloc_allocate and sf_alloc_record write it to out[]: a
+ * head of SF_GRANT_HEAD words, then n_cores core ids (sorted as taken), then n_extents
+ * (start, length) pairs (sorted by start). out_cap must be at least SF_GRANT_HEAD plus the
+ * most cores the device has plus twice max_extents. On failure out[0] is the SF_STEP_*
+ * that failed. */
+#define SF_GRANT_HEAD 9
+#define SF_G_SLICE 0        /* the record's handle */
+#define SF_G_KEY 1
+#define SF_G_PORTS_LO 2     /* the crossbar ports as a 64-bit mask, low word first */
+#define SF_G_PORTS_HI 3
+#define SF_G_LANE_PORT 4
+#define SF_G_LANE_FIRST 5
+#define SF_G_LANE_WIDTH 6   /* 0: no lanes */
+#define SF_G_N_CORES 7
+#define SF_G_N_EXTENTS 8
+
+typedef struct {
+    uint32_t owner;             /* SF_NOBODY: held by no VM */
+    uint32_t slices;            /* slices in the image on the port */
+    uint32_t quarantined;       /* withdrawn slices still holding it */
+    uint64_t guaranteed_mbps;
+    uint64_t limit_mbps;
+    uint32_t priorities[8];     /* slices per priority */
+    uint32_t keys[16];          /* slices per protection key (SF_MAX_KEYS) */
+} sf_port_state;
+
+/* cores, lanes and memory are the unit allocators the transaction draws from (the same ones
+ * Python's CCoreAllocator & co. wrap); they must outlive the sf_alloc. */
+sf_alloc *sf_alloc_new(const sf_alloc_params *p, sf_cores *cores, sf_lanes *lanes,
+                       sf_extents *memory, sf_error *err);
+void sf_alloc_free(sf_alloc *a);
+/* Allocator.allocate: validate, then key, ports, cores, memory, lanes, all or nothing; on
+ * success a record of the units is kept under out[SF_G_SLICE]. On failure out[0] names the
+ * step, nothing changed, and err says why (SF_ENOSPC at PORTS: err->limit = ports found). */
+int sf_alloc_allocate(sf_alloc *a, const sf_request *rq, uint32_t *out, uint32_t out_cap,
+                      sf_error *err);
+/* the same for a request without pinned units, its fields as arguments (flags SF_ASK_*) */
+int sf_alloc_allocate_simple(sf_alloc *a, uint32_t owner, int64_t key, int64_t ports,
+                             uint32_t flags, int64_t cores, int64_t memory_bytes,
+                             int64_t lane_width, int64_t priority, int64_t guaranteed_mbps,
+                             int64_t max_mbps, uint32_t *out, uint32_t out_cap,
+                             sf_error *err);
+/* give back every unit of the record and drop it; withdrawn: its ports were already taken
+ * out of the totals (quarantined). All or nothing: SF_ECONFLICT (err->field CORE, START or
+ * GROUP) if a unit is no longer held, SF_ENOMEM. */
+int sf_alloc_release(sf_alloc *a, uint32_t slice, int withdrawn, sf_error *err);
+/* keep a record of units taken through the primitives below (recovery, resize) */
+int sf_alloc_adopt(sf_alloc *a, uint32_t owner, uint32_t key, uint64_t ports, uint32_t priority,
+                   uint64_t guaranteed_mbps, uint64_t max_mbps, const uint32_t *cores,
+                   uint32_t n_cores, const sf_extent *extents, uint32_t n_extents,
+                   uint32_t lane_port, uint32_t lane_first, uint32_t lane_width,
+                   uint32_t *slice, sf_error *err);
+/* drop a record without giving anything back */
+int sf_alloc_forget(sf_alloc *a, uint32_t slice, sf_error *err);
+/* read a record (out[] as sf_alloc_allocate writes it) */
+int sf_alloc_record(const sf_alloc *a, uint32_t slice, uint32_t *out, uint32_t out_cap,
+                    sf_error *err);
+/* the bookkeeping primitives (Allocator._claim_key & co.): claim checks everything first.
+ * claim_ports: SF_ECONFLICT (err->index = a port held by another VM), SF_ENOSPC (err->index =
+ * a port without the guaranteed headroom). give_ports with quarantine keeps the ports held. */
+int sf_alloc_claim_key(sf_alloc *a, uint32_t owner, uint32_t key, sf_error *err);
+int sf_alloc_give_key(sf_alloc *a, uint32_t key, sf_error *err);
+int sf_alloc_claim_ports(sf_alloc *a, uint32_t owner, uint64_t ports, int64_t priority,
+                         int64_t guaranteed_mbps, int64_t max_mbps, uint32_t key, sf_error *err);
+int sf_alloc_give_ports(sf_alloc *a, uint64_t ports, int64_t priority, int64_t guaranteed_mbps,
+                        int64_t max_mbps, uint32_t key, int quarantine, sf_error *err);
+/* state views (and, for the invariant checker's tests, overwrites) */
+int sf_alloc_key(const sf_alloc *a, uint32_t key, uint32_t *owner, uint32_t *users,
+                 sf_error *err);
+int sf_alloc_set_key(sf_alloc *a, uint32_t key, uint32_t owner, uint32_t users, sf_error *err);
+int sf_alloc_port(const sf_alloc *a, uint32_t port, sf_port_state *out, sf_error *err);
+int sf_alloc_set_port(sf_alloc *a, uint32_t port, const sf_port_state *in, sf_error *err);
+/* every port's demand (as sf_xbar_demand computes it from a slice table); *changed = the
+ * ports whose totals changed since the previous call */
+int sf_alloc_demand(sf_alloc *a, sf_port_demand *out, uint32_t n_out, uint64_t *changed,
+                    sf_error *err);
 /* cdef-end */
 
 #ifdef __cplusplus

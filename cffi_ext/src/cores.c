@@ -248,3 +248,5 @@ int sf_cores_give(sf_cores *c, const uint32_t *ids, uint32_t n, sf_error *err) {
     c->free_total += n;
     return sf_ok(err);
 }
+
+uint32_t sf_cores_max_cluster(const sf_cores *c) { return c->max_size; }

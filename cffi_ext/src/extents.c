@@ -32,6 +32,7 @@ struct sf_extents {
     treap by_size;  /* key length << 32 | start */
     node *pool;
     int32_t cap, used, free_list;
+    int32_t n_free_list; /* nodes on the free list, so reserve() is O(1) */
     uint32_t rng;
 };
 
@@ -51,6 +52,7 @@ static int32_t node_new(sf_extents *e, uint64_t key, uint32_t val) {
     if (e->free_list != NIL) {
         i = e->free_list;
         e->free_list = e->pool[i].left;
+        e->n_free_list--;
     } else {
         i = e->used++;
     }
@@ -61,6 +63,7 @@ static int32_t node_new(sf_extents *e, uint64_t key, uint32_t val) {
 static void node_release(sf_extents *e, int32_t i) {
     e->pool[i].left = e->free_list;
     e->free_list = i;
+    e->n_free_list++;
 }
 
 /* split t into keys < key (*l) and keys >= key (*r) */
@@ -153,8 +156,7 @@ static uint64_t size_key(uint32_t length, uint32_t start) {
  * half-way: a free extent is two nodes (one per index), and every mutation below adds at most
  * one free extent (two nodes) per extent it touches. */
 static int reserve(sf_extents *e, int64_t nodes) {
-    int64_t spare = e->cap - e->used;
-    for (int32_t i = e->free_list; i != NIL && spare < nodes; i = e->pool[i].left) spare++;
+    int64_t spare = (int64_t)e->cap - e->used + e->n_free_list;
     while (spare < nodes) {
         if (e->cap > INT32_MAX / 2) return 0;
         const int32_t cap = e->cap ? e->cap * 2 : 64;
@@ -460,3 +462,20 @@ int sf_extents_extend(sf_extents *e, uint32_t start, uint32_t length, uint32_t g
     }
     return sf_ok(err);
 }
+
+/* ---------------------------------------------------------------- for alloc.c */
+
+int sf_extents_reserve(sf_extents *e, int64_t nodes) { return reserve(e, nodes); }
+
+int sf_extents_all_held(const sf_extents *e, const sf_extent *ext, uint32_t n) {
+    for (uint32_t i = 0; i < n; i++) {
+        const uint64_t end = (uint64_t)ext[i].start + ext[i].length;
+        if (ext[i].length < 1 || end > e->total || overlaps_free(e, ext[i].start, end)) return 0;
+    }
+    return 1;
+}
+
+void sf_extents_give_reserved(sf_extents *e, const sf_extent *ext, uint32_t n) {
+    for (uint32_t i = 0; i < n; i++) give(e, ext[i].start, ext[i].length);
+}
+uint32_t sf_extents_total(const sf_extents *e) { return e->total; }

@@ -232,3 +232,6 @@ int sf_lanes_give(sf_lanes *l, uint32_t port, uint32_t first, uint32_t width, sf
     l->held_total -= width;
     return sf_ok(err);
 }
+
+uint32_t sf_lanes_widest(const sf_lanes *l) { return l->widest; }
+uint32_t sf_lanes_total(const sf_lanes *l) { return l->total; }

@@ -400,8 +400,221 @@ static void test_extents(void) {
     printf("extents: done\n");
 }
 
+/* ------------------------------------------------------------------ the allocator's transaction */
+
+typedef struct {
+    uint32_t handle, key, cores, granules, lanes, priority, withdrawn;
+    uint64_t ports, guaranteed, max_mbps;
+} live_slice;
+
+typedef struct {
+    uint32_t cores, lanes, key_users, port_slices;
+    uint64_t granules;
+} totals;
+
+static totals totals_of(sf_alloc *a, sf_cores *c, sf_lanes *l, sf_extents *e, uint32_t n_keys,
+                        uint32_t n_ports) {
+    totals t = {sf_cores_free_count(c), sf_lanes_free_total(l), 0, 0, sf_extents_free_granules(e)};
+    sf_error err;
+    for (uint32_t k = 0; k < n_keys; k++) {
+        uint32_t owner = 0, users = 0;
+        CHECK(sf_alloc_key(a, k, &owner, &users, &err) == SF_OK);
+        CHECK((users == 0) == (owner == SF_NOBODY));
+        t.key_users += users;
+    }
+    for (uint32_t p = 0; p < n_ports; p++) {
+        sf_port_state st;
+        CHECK(sf_alloc_port(a, p, &st, &err) == SF_OK);
+        t.port_slices += st.slices;
+    }
+    return t;
+}
+
+static int popcount64(uint64_t x) { return __builtin_popcountll(x); }
+
+static void test_alloc(void) {
+    sf_error err;
+    for (int round = 0; round < 40; round++) {
+        uint32_t clusters[4], n_clusters = 1 + rnd(4), n_cores = 0;
+        for (uint32_t i = 0; i < n_clusters; i++) n_cores += clusters[i] = 1 + rnd(8);
+        uint32_t port_lanes[3], n_lane_ports = 1 + rnd(3), n_lanes = 0;
+        for (uint32_t i = 0; i < n_lane_ports; i++) n_lanes += port_lanes[i] = 1u << rnd(4);
+        const uint32_t granules = 8 + rnd(200), granule = 4096;
+        sf_cores *c = sf_cores_new(clusters, n_clusters, &err);
+        sf_lanes *l = sf_lanes_new(port_lanes, n_lane_ports, &err);
+        sf_extents *e = sf_extents_new(granules, &err);
+        CHECK(c && l && e);
+        uint32_t endpoint[2] = {0, n_lanes - 1};
+        sf_alloc_params p = {1 + rnd(16), 1 + rnd(64), 100, granule, (uint64_t)granules * granule,
+                             1 + rnd(4), endpoint, 1 + rnd(2)};
+        /* bad parameters are refused before anything is allocated */
+        sf_alloc_params bad = p;
+        bad.n_keys = 17;
+        CHECK(sf_alloc_new(&bad, c, l, e, &err) == NULL && err.code == SF_ERANGE);
+        bad = p;
+        bad.n_ports = 65;
+        CHECK(sf_alloc_new(&bad, c, l, e, &err) == NULL && err.field == SF_F_N_PORTS);
+        bad = p;
+        bad.memory_bytes += granule; /* not the extents allocator's size */
+        CHECK(sf_alloc_new(&bad, c, l, e, &err) == NULL && err.field == SF_F_MEMORY);
+        bad = p;
+        endpoint[0] = n_lanes;
+        CHECK(sf_alloc_new(&bad, c, l, e, &err) == NULL && err.field == SF_F_LANE);
+        endpoint[0] = 0;
+        CHECK(sf_alloc_new(&p, NULL, l, e, &err) == NULL && err.code == SF_EINVAL);
+        CHECK(sf_alloc_new(NULL, c, l, e, &err) == NULL);
+        sf_alloc *a = sf_alloc_new(&p, c, l, e, &err);
+        CHECK(a != NULL);
+        if (!a) continue;
+
+        const uint32_t words = SF_GRANT_HEAD + n_cores + 2 * p.max_extents;
+        uint32_t *out = calloc(words, sizeof(uint32_t));
+        live_slice live[512];
+        uint32_t n_live = 0;
+        for (int step = 0; step < 500; step++) {
+            const uint32_t r = rnd(8);
+            const totals before = totals_of(a, c, l, e, p.n_keys, p.n_ports);
+            if (r < 4 || !n_live) {
+                const uint32_t flags = rnd(32), ports = rnd(4);
+                const int64_t key = (int64_t)rnd(20) - 2, cores = (int64_t)rnd(6) - 1;
+                int64_t bytes = ((int64_t)rnd(40) - 2) * granule;
+                if (!rnd(10)) bytes += 1; /* not a whole granule */
+                const int64_t width = rnd(8) ? 1 << rnd(5) : 3;
+                const int64_t prio = (int64_t)rnd(9) - (rnd(20) == 0), g = rnd(60), mx = rnd(120);
+                const int rc = sf_alloc_allocate_simple(a, rnd(5), key, ports, flags, cores, bytes,
+                                                        width, prio, g, mx, out, words, &err);
+                const totals after = totals_of(a, c, l, e, p.n_keys, p.n_ports);
+                if (rc != SF_OK) {
+                    CHECK(out[0] <= SF_STEP_LANES);
+                    CHECK(rc == SF_EINVAL || rc == SF_ERANGE || rc == SF_ENOSPC ||
+                          rc == SF_ECONFLICT || rc == SF_EFRAG);
+                    CHECK(memcmp(&before, &after, sizeof before) == 0); /* all or nothing */
+                    continue;
+                }
+                live_slice s = {out[SF_G_SLICE], out[SF_G_KEY], out[SF_G_N_CORES], 0,
+                                out[SF_G_LANE_WIDTH], (uint32_t)prio, 0,
+                                (uint64_t)out[SF_G_PORTS_HI] << 32 | out[SF_G_PORTS_LO],
+                                (uint64_t)g, (uint64_t)mx};
+                const uint32_t *x = out + SF_GRANT_HEAD + s.cores;
+                for (uint32_t i = 0; i < out[SF_G_N_EXTENTS]; i++) s.granules += x[2 * i + 1];
+                CHECK(s.cores == ((flags & SF_ASK_CORES) ? (uint32_t)cores : 0));
+                CHECK(s.granules == ((flags & SF_ASK_MEMORY) ? (uint64_t)bytes / granule : 0));
+                CHECK(s.lanes == ((flags & SF_ASK_LANES) ? (uint32_t)width : 0));
+                CHECK(popcount64(s.ports) == (int)ports && s.key < p.n_keys);
+                for (uint32_t i = 0; i < n_live; i++) CHECK(live[i].handle != s.handle);
+                CHECK(after.cores + s.cores == before.cores);
+                CHECK(after.granules + s.granules == before.granules);
+                CHECK(after.lanes + s.lanes == before.lanes);
+                CHECK(after.key_users == before.key_users + 1);
+                CHECK(after.port_slices == before.port_slices + ports);
+                if (n_live < 512) live[n_live++] = s;
+            } else if (r < 5) { /* the manager's two-step free: quarantine the ports first */
+                live_slice *s = &live[rnd(n_live)];
+                if (s->withdrawn) continue;
+                CHECK(sf_alloc_give_ports(a, s->ports, s->priority, (int64_t)s->guaranteed,
+                                          (int64_t)s->max_mbps, s->key, 1, &err) == SF_OK);
+                s->withdrawn = 1;
+            } else {
+                const uint32_t i = rnd(n_live);
+                const live_slice s = live[i];
+                uint32_t *rec = calloc(words, sizeof(uint32_t));
+                CHECK(sf_alloc_record(a, s.handle, rec, words, &err) == SF_OK);
+                CHECK(rec[SF_G_KEY] == s.key && rec[SF_G_N_CORES] == s.cores);
+                CHECK(sf_alloc_record(a, s.handle, rec, words - 1, &err) == SF_EINVAL);
+                free(rec);
+                CHECK(sf_alloc_release(a, s.handle, (int)s.withdrawn, &err) == SF_OK);
+                CHECK(sf_alloc_release(a, s.handle, 0, &err) == SF_EINVAL); /* twice */
+                const totals after = totals_of(a, c, l, e, p.n_keys, p.n_ports);
+                CHECK(after.cores == before.cores + s.cores);
+                CHECK(after.granules == before.granules + s.granules);
+                CHECK(after.lanes == before.lanes + s.lanes);
+                CHECK(after.key_users + 1 == before.key_users);
+                live[i] = live[--n_live];
+            }
+        }
+        /* a unit freed behind the transaction's back: release refuses, changes nothing */
+        for (uint32_t i = 0; i < n_live; i++)
+            if (live[i].lanes) {
+                uint32_t *rec = calloc(words, sizeof(uint32_t));
+                CHECK(sf_alloc_record(a, live[i].handle, rec, words, &err) == SF_OK);
+                CHECK(sf_lanes_give(l, rec[SF_G_LANE_PORT], rec[SF_G_LANE_FIRST],
+                                    rec[SF_G_LANE_WIDTH], &err) == SF_OK);
+                const totals before = totals_of(a, c, l, e, p.n_keys, p.n_ports);
+                CHECK(sf_alloc_release(a, live[i].handle, (int)live[i].withdrawn, &err) ==
+                      SF_ECONFLICT && err.field == SF_F_GROUP);
+                const totals after = totals_of(a, c, l, e, p.n_keys, p.n_ports);
+                CHECK(memcmp(&before, &after, sizeof before) == 0);
+                CHECK(sf_lanes_take(l, rec[SF_G_LANE_PORT], rec[SF_G_LANE_FIRST],
+                                    rec[SF_G_LANE_WIDTH], &err) == SF_OK);
+                free(rec);
+                break;
+            }
+        /* every other entry point refuses NULL and out-of-range arguments */
+        sf_port_state st;
+        sf_port_demand demand[64];
+        uint64_t changed = 0;
+        uint32_t owner = 0, users = 0, h = 0;
+        sf_extent x = {0, 1};
+        sf_request rq = {0};
+        CHECK(sf_alloc_allocate(NULL, &rq, out, words, &err) == SF_EINVAL);
+        CHECK(sf_alloc_allocate(a, NULL, out, words, &err) == SF_EINVAL);
+        CHECK(sf_alloc_allocate(a, &rq, out, words - 1, &err) == SF_EINVAL);
+        rq.lane_mode = 9;
+        CHECK(sf_alloc_allocate(a, &rq, out, words, &err) == SF_EINVAL && out[0] == SF_STEP_SPEC);
+        rq.lane_mode = SF_LANES_EXACT;
+        rq.lane_width = 2;
+        rq.lane_first = n_lanes - 1; /* runs past the last lane */
+        CHECK(sf_alloc_allocate(a, &rq, out, words, &err) == SF_ERANGE && out[0] == SF_STEP_LANES);
+        CHECK(sf_alloc_allocate_simple(a, SF_NOBODY, -1, 0, 0, 0, 0, 0, 0, 0, 0, out, words,
+                                       &err) == SF_EINVAL);
+        CHECK(sf_alloc_release(a, 1u << 30, 0, &err) == SF_EINVAL && err.field == SF_F_SLICE);
+        CHECK(sf_alloc_forget(a, 1u << 30, &err) == SF_EINVAL);
+        CHECK(sf_alloc_record(a, 0, NULL, words, &err) == SF_EINVAL);
+        CHECK(sf_alloc_adopt(a, 0, p.n_keys, 0, 0, 0, 0, NULL, 0, NULL, 0, 0, 0, 0, &h, &err) ==
+              SF_ERANGE);
+        CHECK(sf_alloc_adopt(a, 0, 0, 0, 8, 0, 0, NULL, 0, NULL, 0, 0, 0, 0, &h, &err) == SF_ERANGE);
+        CHECK(sf_alloc_adopt(a, 0, 0, 0, 0, 0, 0, NULL, 1, NULL, 0, 0, 0, 0, &h, &err) == SF_EINVAL);
+        x.start = granules;
+        CHECK(sf_alloc_adopt(a, 0, 0, 0, 0, 0, 0, NULL, 0, &x, 1, 0, 0, 0, &h, &err) == SF_ERANGE);
+        CHECK(sf_alloc_adopt(a, 0, 0, 0, 0, 0, 0, NULL, 0, NULL, 0, 0, n_lanes, 1, &h, &err) ==
+              SF_ERANGE);
+        x.start = 0;
+        CHECK(sf_alloc_adopt(a, 0, 0, 1, 0, 0, 0, NULL, 0, &x, 1, 0, 0, 0, &h, &err) == SF_OK);
+        CHECK(sf_alloc_forget(a, h, &err) == SF_OK && sf_alloc_forget(a, h, &err) == SF_EINVAL);
+        CHECK(sf_alloc_claim_key(a, 0, p.n_keys, &err) == SF_ERANGE);
+        CHECK(sf_alloc_claim_key(a, SF_NOBODY, 0, &err) == SF_EINVAL);
+        CHECK(sf_alloc_give_key(a, p.n_keys, &err) == SF_ERANGE);
+        if (p.n_ports < 64)
+            CHECK(sf_alloc_claim_ports(a, 0, ~(uint64_t)0, 0, 0, 0, 0, &err) == SF_ERANGE);
+        CHECK(sf_alloc_claim_ports(a, 0, 1, 0, 101, 0, 0, &err) == SF_ERANGE);
+        CHECK(sf_alloc_claim_ports(a, 0, 1, -1, 0, 0, 0, &err) == SF_ERANGE);
+        CHECK(sf_alloc_give_ports(a, 1, 0, 0, 101, 0, 0, &err) == SF_ERANGE);
+        CHECK(sf_alloc_key(a, p.n_keys, &owner, &users, &err) == SF_ERANGE);
+        CHECK(sf_alloc_key(a, 0, NULL, &users, &err) == SF_EINVAL);
+        CHECK(sf_alloc_set_key(a, p.n_keys, 0, 0, &err) == SF_ERANGE);
+        CHECK(sf_alloc_port(a, p.n_ports, &st, &err) == SF_ERANGE);
+        CHECK(sf_alloc_set_port(a, p.n_ports, &st, &err) == SF_ERANGE);
+        CHECK(sf_alloc_demand(a, demand, p.n_ports - 1, &changed, &err) == SF_EINVAL);
+        CHECK(sf_alloc_demand(a, demand, 64, NULL, &err) == SF_EINVAL);
+        CHECK(sf_alloc_demand(a, demand, 64, &changed, &err) == SF_OK);
+        /* release everything: every unit comes back */
+        for (uint32_t i = 0; i < n_live; i++)
+            CHECK(sf_alloc_release(a, live[i].handle, (int)live[i].withdrawn, &err) == SF_OK);
+        const totals empty = totals_of(a, c, l, e, p.n_keys, p.n_ports);
+        CHECK(empty.cores == n_cores && empty.granules == granules && empty.lanes == n_lanes);
+        CHECK(empty.key_users == 0 && empty.port_slices == 0);
+        free(out);
+        sf_alloc_free(a);
+        sf_cores_free(c);
+        sf_lanes_free(l);
+        sf_extents_free(e);
+    }
+    sf_alloc_free(NULL);
+    printf("alloc: done\n");
+}
+
 int main(void) {
-    void (*tests[])(void) = {test_xbar, test_cores, test_lanes, test_extents};
+    void (*tests[])(void) = {test_xbar, test_cores, test_lanes, test_extents, test_alloc};
     const int n = (int)(sizeof tests / sizeof tests[0]);
     int failed = 0;
     for (int i = 0; i < n; i++) {
