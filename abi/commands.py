@@ -11,7 +11,7 @@ Command sets:
 ====  ===========================================================================
 54h   CXL FM API, MLD components: LD info, LD allocations, QoS (CXL r3.1 §7.6.7.4)
 56h   CXL FM API, DCD management: Dynamic Capacity add/release (CXL r3.1 §7.6.7.6)
-C0h   vendor: slice lifecycle (allocate, resize, free, get, list, adaptive policy)
+C0h   vendor: slice lifecycle (allocate, resize, free, get, list, adaptive policy, pool)
 C1h   vendor: device inventory (cores, memory, lanes, keys, ports)
 C2h   vendor: session (hello, no-op)
 C3h   vendor: telemetry (per slice, per device, guest-reported usage, adaptive decisions)
@@ -168,6 +168,13 @@ _TABLE = (
         bounds (minimum, maximum, step, cooldown), optionally predictive; enabled = false
         opts out. Answers the policy as stored (app_class resolved). A VM may set only its
         own slices'. firmware: firmware.adaptive.policy.set_policy (docs/adaptive.md)."""),
+    Command(0xC008, "POOL_COMPOSITIONS", VM, _V.POOL_COMPOSITIONS_REQ,
+            _V.POOL_COMPOSITIONS_RSP, """
+        Vendor. The calling VM's compositions in the device's pool, a page at a time, with
+        each part's device and state: a part whose device left the pool (its lease
+        expired) or restarted is lost. Answered by a pool member (slicefab serve --pool);
+        any other device answers unsupported. firmware: Pool.compositions(owner=VM)
+        (docs/pool.md)."""),
     # ---------------------------------------------------------------- C1h inventory
     Command(0xC100, "DEVICE_INFO", BOTH, _F.EMPTY, _V.DEVICE_INFO_RSP, """
         Vendor. The device inventory (firmware: Device.summary()) and the ABI version."""),

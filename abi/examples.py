@@ -204,6 +204,39 @@ _EXAMPLES: dict[int, tuple[Payload, Payload]] = {
     0xC005: ({"owner": "vm-a", **_SPEC, "request_id": None}, _SLICE),
     0xC006: ({"owner": "vm-a", "start_id": 8}, {"total": 2, "next_id": 0, "slices": [_SLICE_2]}),
     0xC007: (_POLICY, _POLICY),
+    0xC008: (
+        {"start": 0},
+        {
+            "total": 1,
+            "next": 0,
+            "compositions": [
+                {
+                    "id": "c1",
+                    "state": "lost",
+                    "parts": [
+                        {
+                            "device": "dev0",
+                            "state": "active",
+                            "cores": 64,
+                            "memory": 64 * GiB,
+                            "nvme": 1,
+                            "slices": [3, 4],
+                            "reason": "",
+                        },
+                        {
+                            "device": "dev2",
+                            "state": "lost",
+                            "cores": 16,
+                            "memory": 32 * GiB,
+                            "nvme": 0,
+                            "slices": [],
+                            "reason": "the device left the pool (its lease expired)",
+                        },
+                    ],
+                }
+            ],
+        },
+    ),
     0xC100: (
         {},
         {

@@ -37,7 +37,9 @@ from abi.layout import (
     u64,
 )
 
-ABI_VERSION = 0x0101  # major 1, minor 1 (1.1: adaptive allocation): bumped on any layout change
+#: major << 8 | minor, bumped on any layout change: a new command is a minor step (1.1:
+#: adaptive allocation; 1.2: POOL_COMPOSITIONS), a changed layout a major one
+ABI_VERSION = 0x0102
 
 MAX_CORES = 4096  # firmware.slices.MAX_CORES_PER_SLICE
 MAX_EXTENTS = 4096  # the inventory's cap on max_extents_per_slice
@@ -491,6 +493,54 @@ ADAPTIVE_DECISIONS_RSP = Layout(
     * "oldest first",
 )
 
+# ------------------------------------------------------------------ pool compositions
+
+#: a composition's or a part's state in a pool (firmware.pool.composer._view): reserved
+#: (not programmed yet), active, failed (the device refused it), lost (its device left the
+#: pool or restarted)
+POOL_STATES = {0: "reserved", 1: "active", 2: "failed", 3: "lost"}
+POOL_ID_BYTES = 64  # composition and device ids: firmware.pool.model.DEVICE_ID_RE
+#: parts of one composition: firmware.pool.model.MAX_DEVICES_PER_COMPOSITION
+MAX_POOL_PARTS = 8
+#: local slices of one part: one, plus one per further NVMe endpoint
+MAX_PART_SLICES = 32
+
+POOL_COMPOSITIONS_REQ = Layout(
+    "pool_compositions.request",
+    "start" / u32 * "index of the first composition (by id); 0: from the first",
+)
+
+POOL_PART = Struct(
+    "device" / Text(POOL_ID_BYTES) * "the device that holds the part",
+    "state" / Choice(u8, POOL_STATES) * "the part's state",
+    "cores" / u32 * "cores",
+    "memory" / u64 * "memory bytes",
+    "nvme" / u8 * "NVMe endpoints (lane groups)",
+    "slices"
+    / List(u32, prefix=1, max_items=MAX_PART_SLICES)
+    * "the part's slice ids on its device (active parts; empty otherwise)",
+    "reason" / Text(REASON_BYTES) * "why lost or failed, in words (cut to fit); empty otherwise",
+)
+
+POOL_COMPOSITIONS_RSP = Layout(
+    "pool_compositions.response",
+    "total" / u32 * "compositions of the caller in the pool",
+    "next" / u32 * "start of the next page; 0 when this page is the last",
+    "compositions"
+    / List(
+        Struct(
+            "id" / Text(POOL_ID_BYTES) * "composition id",
+            "state"
+            / Choice(u8, POOL_STATES)
+            * "lost if any part is lost, else failed if any failed, else active if all are",
+            "parts" / List(POOL_PART, prefix=1, max_items=MAX_POOL_PARTS) * "one per device",
+        ),
+        prefix=1,
+        max_items=255,
+    )
+    * "as many as fit one payload",
+)
+
 # ------------------------------------------------------------------ admin (C4h)
 
 VM_LIST_REQ = Layout("vm_list.request", "start" / u16 * "index of the first VM (by id)")
@@ -596,6 +646,10 @@ __all__ = [
     "LIST_RSP",
     "MEMORY_RSP",
     "NOP",
+    "POOL_COMPOSITIONS_REQ",
+    "POOL_COMPOSITIONS_RSP",
+    "POOL_PART",
+    "POOL_STATES",
     "PORTS_RSP",
     "REPORT_USAGE_REQ",
     "REPORT_USAGE_RSP",

@@ -27,7 +27,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from abi import convert
 from abi.cci import HEADER_BYTES, MAX_PAYLOAD, Category, Header, Message, check_header
@@ -44,7 +44,7 @@ from abi.envelope import REQUEST_DOMAIN, RESPONSE_DOMAIN, TRAILER_BYTES, BadTag,
 from abi.envelope import seal as seal_frame
 from abi.envelope import split as split_frame
 from abi.errors import AbiError, DecodeError
-from abi.vendor import ABI_VERSION, MAX_DECISIONS, REASON_BYTES
+from abi.vendor import ABI_VERSION, MAX_DECISIONS, MAX_PART_SLICES, REASON_BYTES
 from firmware.adaptive.policy import DEFAULT_APP_CLASS, clear_policy, set_policy
 from firmware.adaptive.usage import Resource, UsageSample
 from firmware.allocator import Allocator
@@ -113,6 +113,8 @@ _MAY_BLOCK = frozenset(
         "SLICE_TELEMETRY", "DEVICE_TELEMETRY", "GET_QOS_STATUS", "FABRIC",
         # these write or read the usage tables (SQLite, which may wait for the ledger)
         "REPORT_USAGE", "SET_ADAPTIVE", "ADAPTIVE_DECISIONS",
+        # this reads the pool's etcd (up to its fail-over deadline when a member is down)
+        "POOL_COMPOSITIONS",
     )
 )  # fmt: skip
 
@@ -124,6 +126,14 @@ def may_block(frame: bytes) -> bool:
     if len(frame) < HEADER_BYTES:
         return False
     return _OPCODE_AND_RC.unpack_from(frame)[0] in _MAY_BLOCK
+
+
+class PoolView(Protocol):
+    """What POOL_COMPOSITIONS reads: firmware.pool.member.PoolMember on a pool member."""
+
+    def compositions(self, owner: str) -> list[dict[str, Any]]:
+        """``owner``'s compositions with their parts' states (Pool.compositions)."""
+        ...
 
 
 class Api:
@@ -139,6 +149,9 @@ class Api:
         #: the seconds spent; must not raise (the daemon's metrics: firmware.metrics).
         #: None, the default, costs one attribute test per request.
         self.observe: Observer | None = None
+        #: the device's pool membership (``slicefab serve --pool``), None when it has none:
+        #: POOL_COMPOSITIONS is then answered unsupported
+        self.pool: PoolView | None = None
 
     # ---------------------------------------------------------------- VM frames
 
@@ -614,6 +627,54 @@ def _adaptive_decisions(api: Api, ch: Channel, p: Mapping[str, Any]) -> Mapping[
     }  # fmt: skip
 
 
+# ---------------------------------------------------------------- pool (docs/pool.md)
+
+_POOL_BUDGET = MAX_PAYLOAD - 64
+
+
+def _pool_compositions(api: Api, ch: Channel, p: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The caller's compositions in the pool, from index ``start``, as many as fit."""
+    if api.pool is None:
+        raise ApiError(
+            "unsupported",
+            "POOL_COMPOSITIONS: this device is not a pool member (start its daemon with "
+            "slicefab serve --pool URL --device-id ID, docs/pool.md)",
+            missing_option="--pool",
+        )
+    if ch.vm is None:  # the opcode table allows it on VM channels only
+        raise ApiError("opcode_not_allowed", "POOL_COMPOSITIONS is a VM's command")
+    comps = sorted(api.pool.compositions(ch.vm), key=lambda c: str(c["id"]))
+    for c in comps:  # the owner filter is the pool's; authorisation must not rest on it
+        if c["owner"] != ch.vm:
+            raise ApiError("error", f"composition {c['id']} is not {ch.vm}'s")
+    layout = BY_NAME["POOL_COMPOSITIONS"].response
+    page: list[Mapping[str, Any]] = []
+    nxt = 0
+    for i in range(p["start"], len(comps)):
+        candidate = [*page, _composition(comps[i])]
+        body = {"total": len(comps), "next": 0, "compositions": candidate}
+        if len(candidate) > 255 or len(layout.build(body)) > _POOL_BUDGET:
+            if not page:  # cannot happen: one composition's worst case is ~2.6 KiB
+                raise ApiError("error", f"composition {comps[i]['id']} exceeds a payload")
+            nxt = i
+            break
+        page = candidate
+    return {"total": len(comps), "next": nxt, "compositions": page}
+
+
+def _composition(c: Mapping[str, Any]) -> Mapping[str, Any]:
+    parts = []
+    for part in c["parts"]:
+        reason = part.get("reason") or part.get("error", {}).get("message", "")
+        parts.append({
+            "device": part["device"], "state": part["state"], "cores": part["cores"],
+            "memory": part["memory"], "nvme": len(part["nvme"]),
+            "slices": list(part.get("slices", []))[:MAX_PART_SLICES],
+            "reason": _cut(str(reason), REASON_BYTES),
+        })  # fmt: skip
+    return {"id": c["id"], "state": c["state"], "parts": parts}
+
+
 def _cut(text: str, limit: int) -> str:
     """``text`` cut to at most ``limit`` UTF-8 bytes (on a character boundary)."""
     return text.encode()[:limit].decode(errors="ignore")
@@ -648,6 +709,7 @@ HANDLERS: dict[str, Handler] = {
     "REPORT_USAGE": _report_usage,
     "SET_ADAPTIVE": _set_adaptive,
     "ADAPTIVE_DECISIONS": _adaptive_decisions,
+    "POOL_COMPOSITIONS": _pool_compositions,
 }
 
 # The CXL FM API commands (54h, 56h): their handlers live in firmware.fmapi.

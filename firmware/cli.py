@@ -132,6 +132,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         server = AdminServer(state.socket, api)
         server.start()
         member = pool_cli.start_member(args, manager, state)  # --pool: docs/pool.md
+        api.pool = member  # POOL_COMPOSITIONS (None without --pool: answered unsupported)
         vmm = None if args.no_qemu else _qemu_backend(manager, state)
         mailboxes = MailboxService(api, state.path, sockets=args.vm_sockets)
         mailboxes.refresh()

@@ -825,8 +825,10 @@ class AsyncClient:
             NotFound, PermissionDenied: not a slice of this VM.
         """
         used = parse_size(memory_used, "memory_used")
-        if isinstance(cores_busy, bool) or not isinstance(cores_busy, int | float) or not (
-            0 <= cores_busy <= 0xFFFFFFFF / 1000
+        if (
+            isinstance(cores_busy, bool)
+            or not isinstance(cores_busy, int | float)
+            or not (0 <= cores_busy <= 0xFFFFFFFF / 1000)
         ):
             raise RequestError(
                 f"cores_busy: expected a number of cores >= 0, got {cores_busy!r}",
@@ -882,6 +884,31 @@ class AsyncClient:
         first, at most one page (16)."""
         page = await self._call("ADAPTIVE_DECISIONS", {"slice": slice_id or 0, "after": after})
         return [dict(d) for d in page["decisions"]]
+
+    async def pool_compositions(self) -> list[dict[str, Any]]:
+        """This VM's compositions in the device's pool (docs/pool.md), every page: dicts
+        ``{"id", "state", "parts"}``, each part ``{"device", "state", "cores", "memory",
+        "nvme", "slices", "reason"}``. A part's state is ``reserved``, ``active``,
+        ``failed`` or ``lost`` (its device left the pool: its lease expired, or it
+        restarted); a composition with a lost part is ``lost``.
+
+        Raises:
+            SlicefabError: code ``unsupported`` when the device is not a pool member
+                (its daemon runs without ``--pool``); code ``error`` when the pool's etcd
+                does not answer.
+            ProtocolError: the device's pages do not advance.
+        """
+        out: list[dict[str, Any]] = []
+        start = 0
+        while True:
+            page = await self._call("POOL_COMPOSITIONS", {"start": start})
+            out.extend({**c, "parts": [dict(p) for p in c["parts"]]} for c in page["compositions"])
+            nxt = page["next"]
+            if nxt == 0:
+                return out
+            if nxt <= start:
+                raise ProtocolError(f"POOL_COMPOSITIONS next {nxt} does not advance past {start}")
+            start = nxt
 
     async def device_info(self) -> DeviceInfo:
         """The device's inventory: cores per cluster, memory and granule, PCIe ports and
@@ -1036,6 +1063,7 @@ class Device:
     set_adaptive = _sync(AsyncClient.set_adaptive)
     clear_adaptive = _sync(AsyncClient.clear_adaptive)
     adaptive_decisions = _sync(AsyncClient.adaptive_decisions)
+    pool_compositions = _sync(AsyncClient.pool_compositions)
 
     @overload
     def telemetry(self, slice_id: int) -> SliceTelemetry: ...

@@ -8,6 +8,7 @@ which needs real daemons (``slicefab serve --pool``)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -30,6 +31,7 @@ from firmware.pool.etcd import Etcd
 from firmware.pool.member import PoolMember, wait_until
 from firmware.pool.model import PREFIX
 from firmware.units import GiB
+from hostlib import Device, load_credential
 
 pytestmark = pytest.mark.etcd
 
@@ -307,7 +309,28 @@ def daemons(tmp_path: Path) -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
             p.wait(5)
 
 
-def test_sigkilled_device_is_lost_within_its_ttl(clean: LocalEtcd, daemons: Any) -> None:
+@pytest.fixture
+def sessions() -> Iterator[contextlib.ExitStack]:
+    """Closes the hostlib sessions a test opens, also when it fails."""
+    with contextlib.ExitStack() as stack:
+        yield stack
+
+
+def provision(sessions: contextlib.ExitStack, state: Path, vm: str, credential: Path) -> Device:
+    """``slicefab vm add`` on a running daemon, then the VM's hostlib session on its
+    mailbox."""
+    subprocess.run(
+        [sys.executable, "-m", "firmware.cli", "vm", "add", vm, "--credential", str(credential),
+         "--state-dir", str(state)],
+        check=True, capture_output=True, timeout=60,
+    )  # fmt: skip
+    dev = Device.open(credential, mailbox=load_credential(credential).mailbox)
+    return sessions.enter_context(dev)
+
+
+def test_sigkilled_device_is_lost_within_its_ttl(
+    clean: LocalEtcd, daemons: Any, tmp_path: Path, sessions: contextlib.ExitStack
+) -> None:
     ttl = 2
     procs = {d: daemons(clean.endpoints, d, ttl) for d in ("dev0", "dev1")}
     pool = Pool(clean.endpoints)
@@ -317,6 +340,15 @@ def test_sigkilled_device_is_lost_within_its_ttl(clean: LocalEtcd, daemons: Any)
     other = pool.compose({"owner": "vm-b", "cores": 4, "max_devices": 1}, cid="c2")
     victim = c["parts"][0]["device"]
     survivor = c["parts"][1]["device"]
+    # the owner and another VM, each on its mailbox of the device that will survive
+    vm_a = provision(sessions, tmp_path / survivor, "vm-a", tmp_path / "vm-a.toml")
+    vm_b = provision(sessions, tmp_path / survivor, "vm-b", tmp_path / "vm-b.toml")
+    before = vm_a.pool_compositions()
+    assert [(x["id"], x["state"]) for x in before] == [("c1", "active")]
+    assert {p["device"]: p["state"] for p in before[0]["parts"]} == {
+        victim: "active",
+        survivor: "active",
+    }
     os.kill(procs[victim].pid, signal.SIGKILL)
     procs[victim].wait(5)
     killed = time.monotonic()
@@ -329,6 +361,13 @@ def test_sigkilled_device_is_lost_within_its_ttl(clean: LocalEtcd, daemons: Any)
     states = {p["device"]: p["state"] for p in mine[0]["parts"]}
     assert states == {victim: "lost", survivor: "active"}
     assert pool.status()["lost"] == [{"id": "c1", "owner": "vm-a", "lost_devices": [victim]}]
+    # ... and through its own mailbox (POOL_COMPOSITIONS), on the surviving device
+    told = vm_a.pool_compositions()
+    assert [(x["id"], x["state"]) for x in told] == [("c1", "lost")]
+    parts = {p["device"]: p for p in told[0]["parts"]}
+    assert (parts[victim]["state"], parts[survivor]["state"]) == ("lost", "active")
+    assert "lease expired" in parts[victim]["reason"] and parts[survivor]["slices"]
+    assert "c1" not in [x["id"] for x in vm_b.pool_compositions()]  # vm-a's only
     on_survivor = other["parts"][0]["device"] == survivor
     assert pool.get("c2")["state"] == ("active" if on_survivor else "lost")
     # releasing gives back the survivor's part only; the survivor frees its slices

@@ -82,6 +82,8 @@ class PoolMember:
         self._reregistered = threading.Event()
         #: parts programmed here: composition id → slice ids (tests, status)
         self.programmed: dict[str, list[int]] = {}
+        #: pool readers for the mailbox API's workers (a Pool is not shared between threads)
+        self._readers = threading.local()
 
     # ------------------------------------------------------------------ life
 
@@ -102,6 +104,21 @@ class PoolMember:
         if leave and self.lease:
             with contextlib.suppress(SlicefabError):
                 Etcd(self.endpoints, timeout=1.0, deadline=2.0).revoke(self.lease)
+
+    # ------------------------------------------------------------------ the VMs' view
+
+    def compositions(self, owner: str) -> list[dict[str, Any]]:
+        """``owner``'s compositions in this device's pool, with each part's state (lost
+        when its device left the pool): what POOL_COMPOSITIONS answers a VM
+        (firmware.api). Reads etcd through the member's endpoints, with one client per
+        calling thread. Raises PoolUnavailable when no etcd member answers."""
+        pool = getattr(self._readers, "pool", None)
+        if pool is None:
+            from firmware.pool.composer import Pool  # the composer imports nothing of ours
+
+            pool = self._readers.pool = Pool(self.endpoints)
+        views: list[dict[str, Any]] = pool.compositions(owner=check_device_id(owner, "owner"))
+        return views
 
     # ------------------------------------------------------------------ registration
 
