@@ -265,3 +265,14 @@ def test_qmp_failpoints_bracket_every_change_and_a_failure_is_undone(
     assert session.hw.matches(want) and qemu.memory == 128 * MiB
     session.reconcile({})
     assert qemu.memory == 0 and not qemu.devices and not qemu.nodes
+
+
+def test_a_refused_blockdev_add_leaves_anothers_node_alone(_failpoints_off: Any) -> None:
+    """QEMU refusing the block node because its name is taken means the node is someone
+    else's: the undo must not delete it (tests/test_qemu.py takes the names on purpose)."""
+    qemu = FakeQemu()
+    qemu.nodes.add("sf-nvme-7-blk")  # taken behind the firmware's back
+    session = _session(qemu)
+    with pytest.raises(FabricError, match=r"Duplicate nodes.*back as it was"):
+        session.reconcile({7: SliceHw(64 * MiB, nvme=True)})
+    assert qemu.nodes == {"sf-nvme-7-blk"} and not qemu.devices and qemu.memory == 0

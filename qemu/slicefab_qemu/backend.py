@@ -69,7 +69,7 @@ from slicefab_qemu.config import (
     VmConfig,
     nvme_serial,
 )
-from slicefab_qemu.errors import VmError
+from slicefab_qemu.errors import QmpFailure, VmError
 from slicefab_qemu.launcher import VmRecord, list_records
 from slicefab_qemu.qmp import QmpChannel
 
@@ -231,14 +231,21 @@ class VmSession:
                 {"driver": "null-co", "node-name": node, "size": NVME_BLOCK_SIZE,
                  "read-zeroes": True},
             )
+        except QmpFailure:
+            raise  # QEMU refused it: no node of ours exists (the name may be another's)
+        except VmError:
+            # the failure came after QEMU may have taken the node (a lost answer): a node
+            # left behind would refuse the next add of this slice as a duplicate
+            with contextlib.suppress(VmError):
+                self._change("blockdev-del", {"node-name": node})
+            raise
+        try:
             self._change(
                 "device_add",
                 {"driver": "nvme", "id": f"{NVME_PREFIX}{sid}", "serial": nvme_serial(sid),
                  "drive": node, "bus": port},
             )
         except VmError:
-            # also when the failure came after QEMU took the node (a lost answer): a node
-            # left behind would refuse the next add of this slice as a duplicate
             with contextlib.suppress(VmError):
                 self._change("blockdev-del", {"node-name": node})
             raise
