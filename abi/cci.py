@@ -209,11 +209,6 @@ def check_header(buf: bytes, *, max_payload: int = MAX_PAYLOAD) -> Header:
     return _check(unpack_raw(buf), max_payload)
 
 
-def _with_payload(h: Header, payload: bytes) -> tuple[Any, ...]:
-    """:class:`Message`'s fields, in order, from a checked header and its payload."""
-    return (h.category, h.tag, h.opcode, payload, h.return_code, h.ext_status, h.background)
-
-
 class Message(NamedTuple):
     """One CCI message: a request (``category`` REQUEST) or a response.
 
@@ -245,8 +240,8 @@ class Message(NamedTuple):
             self.tag, self.opcode, self.return_code, self.ext_status, self.payload
         )  # fmt: skip
         # The common case in one test (plain ints in range, a known category, a payload
-        # under the cap); anything else takes the checks below, which name the field.
-        if (
+        # under the cap); anything else takes the checks, which name the field at fault.
+        if not (
             type(tag) is int and 0 <= tag <= 0xFF
             and type(opcode) is int and 0 <= opcode <= 0xFFFF
             and type(rc) is int and 0 <= rc <= 0xFFFF
@@ -256,11 +251,16 @@ class Message(NamedTuple):
             and type(payload) is bytes
             and len(payload) <= max_payload and len(payload) <= FORMAT_MAX_PAYLOAD
         ):  # fmt: skip
-            n = len(payload)
-            return _FAST.pack(
-                self.category, tag, 0, opcode & 0xFF, opcode >> 8, n & 0xFFFF,
-                n >> 16 | (0x80 if self.background else 0), rc, vs,
-            ) + payload  # fmt: skip
+            self._check_fields(max_payload)
+        n = len(payload)
+        head = _FAST.pack(
+            self.category, tag, 0, opcode & 0xFF, opcode >> 8, n & 0xFFFF,
+            n >> 16 | (0x80 if self.background else 0), rc, vs,
+        )  # fmt: skip
+        return head + bytes(payload)
+
+    def _check_fields(self, max_payload: int) -> None:
+        """Raise the EncodeError that names the first header field out of range."""
         for name, value, hi in (
             ("tag", self.tag, 0xFF),
             ("opcode", self.opcode, 0xFFFF),
@@ -281,11 +281,6 @@ class Message(NamedTuple):
             raise EncodeError(
                 "header.payload_length", f"{n} bytes exceeds the cap of {cap}", limit=cap
             )
-        head = _FAST.pack(
-            category, self.tag, 0, self.command, self.command_set, n & 0xFFFF,
-            n >> 16 | (0x80 if self.background else 0), self.return_code, self.ext_status,
-        )  # fmt: skip
-        return head + bytes(self.payload)
 
     @classmethod
     def decode(cls, buf: bytes, *, max_payload: int = MAX_PAYLOAD) -> Message:
@@ -294,8 +289,6 @@ class Message(NamedTuple):
         with the bytes that follow the header."""
         h = check_header(buf, max_payload=max_payload)
         actual = len(buf) - HEADER_BYTES
-        if actual == h.payload_length:
-            return cls(*_with_payload(h, bytes(buf[HEADER_BYTES:])))
         if actual != h.payload_length:
             raise DecodeError(
                 "header.payload_length",

@@ -240,8 +240,9 @@ class Ledger:
     def requests(self, last: int | None = None) -> list[PutRequest]:
         """The stored request results, oldest first; only the ``last`` newest if given."""
         rows = self._db.execute(
-            "SELECT owner, request_id, digest, response FROM requests ORDER BY seq DESC"
-            + ("" if last is None else f" LIMIT {int(last)}")
+            "SELECT owner, request_id, digest, response FROM requests ORDER BY seq DESC "
+            "LIMIT ?",
+            (-1 if last is None else last,),  # SQLite: a negative limit is no limit
         ).fetchall()
         return [PutRequest(o, r, d, json.loads(resp)) for o, r, d, resp in reversed(rows)]
 

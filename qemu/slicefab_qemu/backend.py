@@ -231,23 +231,18 @@ class VmSession:
                 {"driver": "null-co", "node-name": node, "size": NVME_BLOCK_SIZE,
                  "read-zeroes": True},
             )
-        except QmpFailure:
-            raise  # QEMU refused it: no node of ours exists (the name may be another's)
-        except VmError:
-            # the failure came after QEMU may have taken the node (a lost answer): a node
-            # left behind would refuse the next add of this slice as a duplicate
-            with contextlib.suppress(VmError):
-                self._change("blockdev-del", {"node-name": node})
-            raise
-        try:
             self._change(
                 "device_add",
                 {"driver": "nvme", "id": f"{NVME_PREFIX}{sid}", "serial": nvme_serial(sid),
                  "drive": node, "bus": port},
             )
-        except VmError:
-            with contextlib.suppress(VmError):
-                self._change("blockdev-del", {"node-name": node})
+        except VmError as e:
+            # A node left behind would refuse the next add of this slice as a duplicate,
+            # also after a lost answer to the blockdev-add. But if QEMU refused the
+            # blockdev-add itself, no node of ours exists: the name may be another's.
+            if not (isinstance(e, QmpFailure) and e.command == "blockdev-add"):
+                with contextlib.suppress(VmError):
+                    self._change("blockdev-del", {"node-name": node})
             raise
         self.hw.nvme[sid] = port
 
