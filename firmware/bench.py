@@ -74,10 +74,11 @@ def random_resize(
     return ResizeSpec(qos=QoS(rng.randint(0, 7), rng.choice((0, 10, 50)), -1))
 
 
-def _percentile(sorted_us: list[float], q: float) -> float:
-    if not sorted_us:
+def percentile(sorted_xs: list[float], q: float) -> float:
+    """The ``q`` quantile (nearest rank) of an ascending list; 0.0 for an empty one."""
+    if not sorted_xs:
         return 0.0
-    return sorted_us[min(len(sorted_us) - 1, int(q * len(sorted_us)))]
+    return sorted_xs[min(len(sorted_xs) - 1, int(q * len(sorted_xs)))]
 
 
 def _run_allocator(
@@ -140,8 +141,8 @@ def bench_allocator(quick: bool) -> dict[str, Any]:
         "allocator_live_slices": TARGET_LIVE,
         "allocator_ops": ops,
         "allocator_ops_per_s": round(ops / secs),
-        "allocator_p50_us": round(_percentile(lat, 0.50), 1),
-        "allocator_p99_us": round(_percentile(lat, 0.99), 1),
+        "allocator_p50_us": round(percentile(lat, 0.50), 1),
+        "allocator_p99_us": round(percentile(lat, 0.99), 1),
         "allocator_refused": refused,
         "allocator_target_ops_per_s": 20_000,
     }
@@ -221,13 +222,13 @@ def bench_durable(quick: bool) -> dict[str, Any]:
             "durable_clients": clients,
             "durable_ops": ops,
             "durable_ops_per_s": round(ops / secs),
-            "durable_p50_us": round(_percentile(lat, 0.50), 1),
-            "durable_p99_us": round(_percentile(lat, 0.99), 1),
+            "durable_p50_us": round(percentile(lat, 0.50), 1),
+            "durable_p99_us": round(percentile(lat, 0.99), 1),
             "durable_refused": refused,
             "durable_records_per_fsync": round((r2 - r1) / max(1, b2 - b1), 2),
             "durable_target_ops_per_s": 2_000,
             "single_client_ops_per_s": round(single),
-            "single_client_p50_us": round(_percentile(lat1, 0.50), 1),
+            "single_client_p50_us": round(percentile(lat1, 0.50), 1),
             "single_client_records_per_fsync": round((r1 - r0) / max(1, b1 - b0), 2),
             "group_commit_ratio_vs_single_client": round((ops / secs) / single, 2),
             "invariant_violations": len(violations),
@@ -446,13 +447,13 @@ def bench_mailbox(quick: bool) -> dict[str, Any]:
             power = _pairs_per_s(creds, pairs_per_vm)
         with _daemon(tmp, "--durability", "crash"):
             crash = _pairs_per_s(creds, pairs_per_vm)
-    shm_p50, sock_p50 = _percentile(shm_lat, 0.5), _percentile(sock_lat, 0.5)
+    shm_p50, sock_p50 = percentile(shm_lat, 0.5), percentile(sock_lat, 0.5)
     return {
         "noop_rtts_each": len(shm_lat),
         "shm_noop_rtt_p50_us": round(shm_p50, 1),
-        "shm_noop_rtt_p99_us": round(_percentile(shm_lat, 0.99), 1),
+        "shm_noop_rtt_p99_us": round(percentile(shm_lat, 0.99), 1),
         "socket_noop_rtt_p50_us": round(sock_p50, 1),
-        "socket_noop_rtt_p99_us": round(_percentile(sock_lat, 0.99), 1),
+        "socket_noop_rtt_p99_us": round(percentile(sock_lat, 0.99), 1),
         "ratio_shm_vs_socket_p50": round(shm_p50 / sock_p50, 2),
         "target_shm_rtt_p50_us_max": 50,
         "vm_processes": len(creds),

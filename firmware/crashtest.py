@@ -64,6 +64,7 @@ from typing import Any
 
 from firmware import failpoints
 from firmware.admin import AdminClient
+from firmware.bench import percentile
 from firmware.fabric import image as img
 from firmware.fabric.regfile import RegisterFile
 from firmware.inventory import Device, load_device
@@ -394,8 +395,7 @@ class CrashReport:
 
     def figures(self) -> dict[str, Any]:
         def pct(xs: list[float], q: float) -> float:
-            s = sorted(xs)
-            return s[min(len(s) - 1, int(q * len(s)))] * 1e3 if s else 0.0
+            return percentile(sorted(xs), q) * 1e3
 
         clean = statistics.median(self.clean_start_s) * 1e3 if self.clean_start_s else 0.0
         return {

@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from firmware.bench import percentile
 from firmware.crashtest import Daemon, History, execute
 from firmware.inventory import load_device
 from hostlib.client import AsyncClient
@@ -102,7 +103,7 @@ class LoadReport:
         every = sorted(x for v in self.latencies_s.values() for x in v)
 
         def pct(xs: list[float], q: float) -> float:
-            return xs[min(len(xs) - 1, int(q * len(xs)))] * 1e3 if xs else 0.0
+            return percentile(xs, q) * 1e3
 
         first, last = self.rss_quarters()
         rss_first, rss_last = self.rss_quarters(1)

@@ -30,6 +30,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from firmware.bench import percentile
 from firmware.errors import AllocationError
 from firmware.inventory import load_device
 from firmware.pool.model import MEMORY_UNIT, Capacity, CompositionRequest, DeviceRecord
@@ -300,8 +301,7 @@ class _Latencies:
     samples: list[float]
 
     def p(self, q: float) -> float:
-        s = sorted(self.samples)
-        return s[min(len(s) - 1, int(q * len(s)))]
+        return percentile(sorted(self.samples), q)
 
 
 def bench_pool(quick: bool) -> dict[str, Any]:
