@@ -78,8 +78,6 @@ REG_RSP_STATUS = 0x08C  # u32, MailboxStatus
 SEQ_MASK = (1 << 64) - 1
 
 _IDENT = struct.Struct("<4sHHQIIII")  # REG_SIGNATURE .. REG_FW_STATE
-_U64 = struct.Struct("<Q")
-_U32 = struct.Struct("<I")
 _LEN_STATUS = struct.Struct("<II")
 
 _TSO_MACHINES = frozenset({"x86_64", "amd64", "i386", "i486", "i586", "i686", "x86"})
@@ -177,20 +175,33 @@ class SeqlockChannel:
 
     A single writer per channel (the VM for requests, the firmware for responses); any
     number of readers. See docs/mailbox.md for why the order of the accesses below is
-    the whole correctness argument; do not reorder them."""
+    the whole correctness argument; do not reorder them.
 
-    __slots__ = ("_buf", "_len_off", "_mm", "_seq_off", "capacity")
+    The sequence register is accessed through a ``memoryview`` cast to native u64, which
+    CPython reads and writes with one aligned 8-byte ``memcpy`` (a single ``mov``). Never
+    through ``struct.pack_into``: it zero-fills the target before storing the value, so a
+    reader could catch the register at 0, an even "published" number (docs/mailbox.md).
+    Call :meth:`release` before closing the mmap."""
+
+    __slots__ = ("_buf", "_len_off", "_mm", "_seq", "_seq_index", "capacity")
 
     def __init__(self, mm: mmap.mmap, regs: int, buf: int, capacity: int) -> None:
+        if regs % 8:
+            raise ValueError(f"a sequence register is 8-byte aligned, got offset {regs:#x}")
         self._mm = mm
-        self._seq_off = regs
+        self._seq = memoryview(mm).cast("Q")  # native: little-endian on every TSO host
+        self._seq_index = regs // 8
         self._len_off = regs + 8
         self._buf = buf
         self.capacity = capacity
 
+    def release(self) -> None:
+        """Drop this channel's view of the mapping (the mmap cannot close while it lives)."""
+        self._seq.release()
+
     def seq(self) -> int:
         """The sequence register (one aligned 8-byte load)."""
-        return int(_U64.unpack_from(self._mm, self._seq_off)[0])
+        return int(self._seq[self._seq_index])
 
     def publish(self, seq: int, payload: bytes, status: int = 0) -> None:
         """Write ``payload`` and ``status`` under the even sequence number ``seq``.
@@ -206,11 +217,11 @@ class SeqlockChannel:
             )
         if seq & 1:
             raise ValueError(f"a published sequence number is even, got {seq}")
-        mm = self._mm
-        _U64.pack_into(mm, self._seq_off, (seq - 1) & SEQ_MASK)  # 1. odd: being written
+        mm, q, i = self._mm, self._seq, self._seq_index
+        q[i] = (seq - 1) & SEQ_MASK  # 1. odd: being written
         _LEN_STATUS.pack_into(mm, self._len_off, n, status)  # 2. length, status
         mm[self._buf : self._buf + n] = payload  # 3. payload
-        _U64.pack_into(mm, self._seq_off, seq)  # 4. even: published (last)
+        q[i] = seq  # 4. even: published (last)
 
     def read(self) -> tuple[int, int, bytes] | None:
         """A consistent snapshot ``(seq, status, payload)``, or None if a write was in
@@ -218,13 +229,13 @@ class SeqlockChannel:
 
         Raises FrameTooLarge, without copying the payload, if a stable length register
         exceeds the capacity."""
-        mm = self._mm
-        s1 = int(_U64.unpack_from(mm, self._seq_off)[0])  # 1. sequence
+        mm, q, i = self._mm, self._seq, self._seq_index
+        s1 = int(q[i])  # 1. sequence
         if s1 & 1:
             return None
         n, status = _LEN_STATUS.unpack_from(mm, self._len_off)  # 2. length, status
         if n > self.capacity:
-            if int(_U64.unpack_from(mm, self._seq_off)[0]) != s1:
+            if q[i] != s1:
                 return None  # a torn length, not a real one
             raise FrameTooLarge(
                 f"length register says {n} bytes, the mailbox capacity is {self.capacity}",
@@ -232,7 +243,7 @@ class SeqlockChannel:
                 capacity=self.capacity,
             )
         data = mm[self._buf : self._buf + n]  # 3. payload
-        if int(_U64.unpack_from(mm, self._seq_off)[0]) != s1:  # 4. sequence again
+        if q[i] != s1:  # 4. sequence again
             return None
         return s1, int(status), data
 
@@ -282,16 +293,17 @@ class _Region:
         self.closed = False
         self.req = SeqlockChannel(self.mm, REG_REQ_SEQ, self.layout.req_offset, self.capacity)
         self.rsp = SeqlockChannel(self.mm, REG_RSP_SEQ, self.layout.rsp_offset, self.capacity)
+        self._u32 = memoryview(self.mm).cast("I")
 
     @property
     def capacity(self) -> int:
         return self.layout.capacity
 
     def fw_state(self) -> int:
-        return int(_U32.unpack_from(self.mm, REG_FW_STATE)[0])
+        return int(self._u32[REG_FW_STATE // 4])
 
     def set_fw_state(self, state: FwState) -> None:
-        _U32.pack_into(self.mm, REG_FW_STATE, state)
+        self._u32[REG_FW_STATE // 4] = state  # one 4-byte store (pack_into zero-fills first)
 
     def enter(self, deadline: float) -> None:
         """Begin an operation (blocking up to ``deadline``).
@@ -337,6 +349,9 @@ class _Region:
             if self.firmware:  # tell a waiting client now rather than at its deadline
                 self.set_fw_state(FwState.CLOSED)
         finally:
+            self.req.release()
+            self.rsp.release()
+            self._u32.release()
             self.mm.close()
             os.close(self.fd)
 

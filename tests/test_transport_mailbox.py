@@ -567,16 +567,19 @@ def _torn_writer(path: str, mode: str, started: MpEvent, stop: MpEvent) -> None:
     """Publish payload k (WORDS copies of the u64 k) under sequence 2k until stopped."""
     with open(path, "r+b") as f, mmap.mmap(f.fileno(), 0) as m:
         ch = SeqlockChannel(m, mb.REG_REQ_SEQ, 0x1000, TORN_CAP)
-        k = 1
-        started.set()
-        while not stop.is_set():
-            for _ in range(64):
-                payload = U64.pack(k) * WORDS
-                if mode == "seqlock":
-                    ch.publish(2 * k, payload)
-                else:
-                    _publish_naive(ch, m, 2 * k, payload)
-                k += 1
+        try:
+            k = 1
+            started.set()
+            while not stop.is_set():
+                for _ in range(64):
+                    payload = U64.pack(k) * WORDS
+                    if mode == "seqlock":
+                        ch.publish(2 * k, payload)
+                    else:
+                        _publish_naive(ch, m, 2 * k, payload)
+                    k += 1
+        finally:
+            ch.release()
 
 
 def _run_torn_reader(tmp_path: Path, mode: str, seconds: float) -> tuple[int, int, int]:
@@ -603,6 +606,7 @@ def _run_torn_reader(tmp_path: Path, mode: str, seconds: float) -> tuple[int, in
                     torn += 1  # a mix of two payloads, or a payload under another number
                 else:
                     good += 1
+            ch.release()
     finally:
         stop.set()
         writer.join(10)
@@ -621,6 +625,71 @@ def test_the_torn_read_check_catches_a_writer_without_the_seqlock(tmp_path: Path
     it must see torn payloads, which is what makes the test above able to fail."""
     _, torn, _ = _run_torn_reader(tmp_path, "naive", 1.5)
     assert torn > 0
+
+
+# A sequence number whose bytes all change between two publishes (and its odd mark)
+SEQ_A, SEQ_B = 0x00FF_FFFF_FFFF_FFFE, 0x0100_0000_0000_0000
+
+
+def _seq_writer(path: str, mode: str, started: MpEvent, stop: MpEvent) -> None:
+    """Publish under SEQ_A and SEQ_B in turn until stopped: through the channel, or
+    ("struct") storing the register with struct.pack_into as the transport once did."""
+    with open(path, "r+b") as f, mmap.mmap(f.fileno(), 0) as m:
+        ch = SeqlockChannel(m, mb.REG_REQ_SEQ, 0x1000, 64)
+        try:
+            started.set()
+            while not stop.is_set():
+                for _ in range(256):
+                    for seq in (SEQ_A, SEQ_B):
+                        if mode == "channel":
+                            ch.publish(seq, b"x")
+                        else:
+                            U64.pack_into(m, mb.REG_REQ_SEQ, seq - 1)
+                            U64.pack_into(m, mb.REG_REQ_SEQ, seq)
+        finally:
+            ch.release()
+
+
+def _foreign_seqs(tmp_path: Path, mode: str, reads: int) -> dict[int, int]:
+    """Read the sequence register ``reads`` times while a writer process publishes;
+    the values seen that the writer never stored, with their counts."""
+    p = tmp_path / "seq.mbox"
+    create_mailbox(p, TORN_CAP)
+    ctx = multiprocessing.get_context("spawn")
+    started, stop = ctx.Event(), ctx.Event()
+    writer = ctx.Process(target=_seq_writer, args=(str(p), mode, started, stop))
+    writer.start()
+    stored = {SEQ_A - 1, SEQ_A, SEQ_B - 1, SEQ_B}
+    foreign: dict[int, int] = {}
+    try:
+        assert started.wait(30)
+        with raw(p) as m:
+            ch = SeqlockChannel(m, mb.REG_REQ_SEQ, 0x1000, 64)
+            while ch.seq() == 0:  # the writer's first store
+                time.sleep(0.001)
+            for _ in range(reads):
+                v = ch.seq()
+                if v not in stored:
+                    foreign[v] = foreign.get(v, 0) + 1
+            ch.release()
+    finally:
+        stop.set()
+        writer.join(10)
+    return foreign
+
+
+def test_a_reader_never_sees_a_sequence_number_that_was_not_stored(tmp_path: Path) -> None:
+    """The sequence register is one 8-byte store. It once went through struct.pack_into,
+    which zero-fills before it stores: a poller that caught the 0 took it for a new,
+    published request, answered it, then answered it again under its real number (the
+    VM saw its own request rejected as a replay, under load)."""
+    assert _foreign_seqs(tmp_path, "channel", 500_000) == {}
+
+
+def test_the_sequence_check_catches_a_register_stored_with_struct(tmp_path: Path) -> None:
+    """The same reader against the old store: it must see numbers nobody published (0),
+    which is what makes the test above able to fail."""
+    assert _foreign_seqs(tmp_path, "struct", 500_000)
 
 
 # --- separate processes ---------------------------------------------------------------
