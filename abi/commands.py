@@ -164,7 +164,8 @@ _TABLE = (
     Command(0xC006, "LIST_FOR", ADMIN, _V.LIST_FOR_REQ, _V.LIST_RSP, """
         Vendor. LIST the slices of one VM (the administrator's owner filter)."""),
     Command(0xC007, "SET_ADAPTIVE", BOTH, _V.ADAPTIVE_POLICY, _V.ADAPTIVE_POLICY, """
-        Vendor. Opt a slice's memory or cores in to adaptive allocation with the owner's
+        Vendor. Opt a slice's memory, cores or bandwidth (since ABI 1.3: the QoS rate on
+        each of its crossbar ports) in to adaptive allocation with the owner's
         bounds (minimum, maximum, step, cooldown), optionally predictive; enabled = false
         opts out. Answers the policy as stored (app_class resolved). A VM may set only its
         own slices'. firmware: firmware.adaptive.policy.set_policy (docs/adaptive.md)."""),

@@ -37,9 +37,10 @@ from abi.layout import (
     u64,
 )
 
-#: major << 8 | minor, bumped on any layout change: a new command is a minor step (1.1:
-#: adaptive allocation; 1.2: POOL_COMPOSITIONS), a changed layout a major one
-ABI_VERSION = 0x0102
+#: major << 8 | minor, bumped on any layout change: a new command or enum value is a minor
+#: step (1.1: adaptive allocation; 1.2: POOL_COMPOSITIONS; 1.3: adaptive bandwidth), a
+#: changed layout a major one
+ABI_VERSION = 0x0103
 
 MAX_CORES = 4096  # firmware.slices.MAX_CORES_PER_SLICE
 MAX_EXTENTS = 4096  # the inventory's cap on max_extents_per_slice
@@ -435,8 +436,9 @@ REPORT_USAGE_RSP = Layout(
 
 # ------------------------------------------------------------------ adaptive allocation
 
-#: what an adaptive policy controls (firmware.adaptive.usage.Resource values)
-ADAPTIVE_RESOURCES = {0: "memory", 1: "cores"}
+#: what an adaptive policy controls (firmware.adaptive.usage.Resource values; bandwidth in
+#: Mbit/s per crossbar port, since ABI 1.3)
+ADAPTIVE_RESOURCES = {0: "memory", 1: "cores", 2: "bandwidth"}
 #: controller decisions (firmware.adaptive.usage.Action values)
 ADAPTIVE_ACTIONS = {
     0: "up",
@@ -458,9 +460,9 @@ ADAPTIVE_POLICY = Layout(
     "resource" / Choice(u8, ADAPTIVE_RESOURCES) * "what the policy controls",
     "enabled" / boolean * "false: opt the slice's resource out (the other fields are ignored)",
     "predictive" / boolean * "also pre-allocate ahead of forecast demand",
-    "minimum" / u64 * "never below: bytes (memory) or cores",
-    "maximum" / u64 * "never above: bytes (memory) or cores",
-    "step" / u64 * "the unit of every change: bytes (memory) or cores",
+    "minimum" / u64 * "never below: bytes (memory), cores, or Mbit/s per port (bandwidth)",
+    "maximum" / u64 * "never above: bytes (memory), cores, or Mbit/s per port (bandwidth)",
+    "step" / u64 * "the unit of every change: bytes, cores, or Mbit/s",
     "cooldown_s" / u32 * "seconds between two changes; how long use must stay low to shrink",
     "app_class"
     / Text(APP_CLASS_BYTES)
@@ -483,7 +485,7 @@ ADAPTIVE_DECISIONS_RSP = Layout(
             "slice" / u32 * "slice id",
             "resource" / Choice(u8, ADAPTIVE_RESOURCES) * "resource",
             "action" / Choice(u8, ADAPTIVE_ACTIONS) * "what was decided",
-            "before" / u64 * "allocation before: bytes or cores",
+            "before" / u64 * "allocation before: bytes, cores or Mbit/s",
             "after" / u64 * "allocation after (equal to before when refused)",
             "reason" / Text(REASON_BYTES) * "why, in words (cut to fit)",
         ),

@@ -138,7 +138,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         mailboxes.refresh()
         manager.on_vms_changed = mailboxes.refresh
         if args.adaptive_interval > 0:  # docs/adaptive.md
-            controller = AdaptiveController(manager, manager.usage)
+            controller = AdaptiveController(manager, manager.usage, sources=_usage_sources(vmm))
             adaptive = AdaptiveService(controller, args.adaptive_interval).start()
         if metrics_at is not None:
             endpoint = metrics.serve(api, mailboxes.channels, *metrics_at)
@@ -190,6 +190,16 @@ def _qemu_backend(manager: Any, state: StateDir) -> Any:
     manager.vm_hook = vmm
     vmm.attach(manager.read)
     return vmm
+
+
+def _usage_sources(vmm: Any) -> list[Any]:
+    """The adaptive controller's measures besides the guests' reports: the QEMU guests'
+    balloon statistics when the QEMU backend runs (docs/adaptive.md, "Usage sources")."""
+    if vmm is None:
+        return []
+    from slicefab_qemu.usage import QemuUsage
+
+    return [QemuUsage(vmm)]
 
 
 def cmd_device_show(args: argparse.Namespace) -> int:

@@ -278,7 +278,9 @@ def _decisions_table(decisions: list[dict[str, Any]]) -> Table:
     for col in ("time", "slice", "action", "change", "reason"):
         t.add_column(col, justify="right" if col == "slice" else "left")
     for d in decisions:
-        amount = format_size if d["resource"] == "memory" else str
+        amount: Callable[[int], str] = {"memory": format_size, "bandwidth": format_bandwidth}.get(
+            d["resource"], str
+        )
         change = amount(d["before"])
         if d["after"] != d["before"]:
             change += f" → {amount(d['after'])}"

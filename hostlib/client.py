@@ -850,9 +850,11 @@ class AsyncClient:
         predictive: bool = False,
         app_class: str = "",
     ) -> dict[str, Any]:
-        """Opt a slice's ``memory`` or ``cores`` in to adaptive allocation within these
-        bounds (memory as sizes, cores as counts); returns the policy as the device stored
-        it. See docs/adaptive.md for what the controller does with it.
+        """Opt a slice's ``memory``, ``cores`` or ``bandwidth`` in to adaptive allocation
+        within these bounds (memory as sizes, cores as counts, bandwidth as rates per
+        crossbar port, e.g. ``"10 Gbit/s"``; needs a device with ABI 1.3); returns the
+        policy as the device stored it. See docs/adaptive.md for what the controller does
+        with it.
 
         Raises:
             RequestError: a bound the device refuses (the message names the field).
@@ -860,7 +862,9 @@ class AsyncClient:
         """
 
         def amount(value: int | str, fld: str) -> int:
-            return parse_size(value, fld) if resource == "memory" else int(value)
+            if resource == "memory":
+                return parse_size(value, fld)
+            return parse_bandwidth(value, fld) if resource == "bandwidth" else int(value)
 
         payload = {
             "slice": slice_id, "resource": resource, "enabled": True, "predictive": predictive,

@@ -72,6 +72,45 @@ def test_samples_in_one_bucket_keep_each_measures_peak(tmp_path: Path) -> None:
     store.close()
 
 
+def test_a_guest_report_wins_over_qemus_measure_in_its_bucket(tmp_path: Path) -> None:
+    store = UsageStore(tmp_path / "u.sqlite", resolution_s=60)
+    qemu = "qemu-balloon"
+    # QEMU's measure, then the guest's lower report: the guest's stands
+    store.record([UsageSample(1, "vm-a", "web", 60.0, memory_used=9, source=qemu)])
+    store.record([UsageSample(1, "vm-a", "web", 70.0, memory_used=4, cores_busy=1.0)])
+    # the other order, with the port traffic of the fabric in the same bucket
+    store.record([UsageSample(2, "vm-a", "web", 60.0, memory_used=4)])
+    store.record([UsageSample(2, "vm-a", "web", 65.0, port_mbps=7.0, source="fabric")])
+    store.record([UsageSample(2, "vm-a", "web", 70.0, memory_used=9, source=qemu)])
+    # one source alone keeps its peak; a bucket QEMU alone measured is QEMU's
+    store.record([UsageSample(3, "vm-a", "web", 60.0, memory_used=5, source=qemu)])
+    store.record([UsageSample(3, "vm-a", "web", 70.0, memory_used=8, source=qemu)])
+    store.record([UsageSample(3, "vm-a", "web", 130.0, port_mbps=1.0, source="fabric")])
+    got = {sid: [(s.memory_used, s.source) for s in store.window(sid, 0.0)] for sid in (1, 2, 3)}
+    assert got == {1: [(4, "guest")], 2: [(4, "guest")], 3: [(8, qemu), (None, "fabric")]}
+    assert store.window(2, 0.0)[0].port_mbps == 7.0
+    store.close()
+
+
+def test_a_usage_file_from_before_sources_is_upgraded(tmp_path: Path) -> None:
+    import sqlite3
+
+    db = sqlite3.connect(tmp_path / "u.sqlite")
+    db.execute(
+        "CREATE TABLE usage_samples (slice INTEGER NOT NULL, bucket INTEGER NOT NULL, owner "
+        "TEXT NOT NULL, app_class TEXT NOT NULL, at REAL NOT NULL, memory_used INTEGER, "
+        "cores_busy REAL, port_mbps REAL, PRIMARY KEY (slice, bucket))"
+    )
+    db.execute("INSERT INTO usage_samples VALUES (1, 1, 'vm-a', 'web', 60.0, 5, NULL, NULL)")
+    db.commit()
+    db.close()
+    store = UsageStore(tmp_path / "u.sqlite", resolution_s=60)
+    store.record([UsageSample(1, "vm-a", "web", 70.0, memory_used=9, source="qemu-balloon")])
+    [s] = store.window(1, 0.0)
+    assert (s.memory_used, s.source) == (5, "guest")  # an old row was a guest's report
+    store.close()
+
+
 def test_retention_is_bounded(tmp_path: Path) -> None:
     store = UsageStore(tmp_path / "u.sqlite", resolution_s=60, retention_s=3600)
     bound = (3600 + PRUNE_EVERY_S) // 60 + 1

@@ -13,6 +13,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ from slicefab_qemu.config import VMEM_DEV, VmConfig, nvme_serial, run_paths
 from slicefab_qemu.lab import Firmware, slicefab
 from slicefab_qemu.launcher import Vm, _group_alive, find_record
 from slicefab_qemu.runner_client import GuestCallError, GuestRunner
+from slicefab_qemu.usage import read_memory_stats
 
 pytestmark = pytest.mark.qemu
 MiB = 1 << 20
@@ -98,6 +100,23 @@ def test_the_cxl_type3_device_is_enumerated(lab: Lab) -> None:
     assert "mem0" in cxl and "root0" in cxl
     assert any(d.startswith("endpoint") for d in cxl)
     assert any(d.startswith("decoder") for d in cxl)
+
+
+def test_balloon_statistics_arrive_and_match_the_guest(lab: Lab) -> None:
+    """QEMU's balloon statistics, the adaptive controller's measure of a guest's memory
+    (slicefab_qemu.usage): they arrive, and agree with the guest's own /proc/meminfo."""
+    deadline = time.monotonic() + 60
+    while not (stats := read_memory_stats(lab.a.qmp)).fresh(time.time()):
+        assert time.monotonic() < deadline, f"no balloon statistics within 60 s: {stats}"
+        time.sleep(0.5)
+    meminfo = {
+        line.split(":")[0]: int(line.split()[1]) * 1024
+        for line in lab.a.agent.sh("cat /proc/meminfo").splitlines()
+    }
+    assert stats.total == meminfo["MemTotal"]
+    assert stats.available is not None and 0 < stats.available < stats.total
+    assert stats.available == pytest.approx(meminfo["MemAvailable"], rel=0.1)
+    assert stats.plugged == stats.requested == lab.requested_size()
 
 
 def test_a_slice_appears_resizes_and_goes_while_a_heartbeat_ticks(

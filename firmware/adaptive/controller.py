@@ -23,7 +23,9 @@ Changes go through :meth:`ResourceManager.resize`, the API's own live-resize pat
 ledger and the crossbar stay consistent. Shrinks are applied before growths, growths in
 priority order (QoS priority, highest first). When the device is short, a growth takes
 capacity from adaptive slices of *lower* priority (each gives one step, never below its
-minimum, lowest priority first): a **yield**. Every decision is stored with its reason
+minimum, lowest priority first): a **yield**. For bandwidth, "the device" is the slice's
+crossbar ports: the headroom is the least any of them has left, and only slices on one of
+the same ports can yield. Every decision is stored with its reason
 (:meth:`UsageStore.decisions`) and shown by ``slicefab top``.
 """
 
@@ -33,17 +35,26 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from firmware.adaptive.forecast import DAY_S, ForecastKey, SeasonalQuantile
 from firmware.adaptive.policy import DOWN_AT, TARGET, UP_AT, AdaptivePolicy
-from firmware.adaptive.usage import Action, Decision, Resource, UsageSample, UsageStore
+from firmware.adaptive.usage import (
+    FABRIC,
+    Action,
+    Decision,
+    Resource,
+    SliceMemory,
+    UsageSample,
+    UsageSource,
+    UsageStore,
+)
 from firmware.allocator import Allocator
 from firmware.errors import InsufficientResources, SlicefabError
-from firmware.slices import ResizeSpec, SliceState
-from firmware.units import format_size
+from firmware.slices import QoS, ResizeSpec, SliceState
+from firmware.units import format_bandwidth, format_size
 
 if TYPE_CHECKING:
     from firmware.manager import ResourceManager
@@ -65,9 +76,13 @@ class SliceInfo:
     active: bool
     memory: int  # bytes held
     cores: int
+    bandwidth: int = 0  # Mbit/s: the QoS maximum per port (the port's capacity if none)
+    ports: tuple[int, ...] = ()
 
     def amount(self, r: Resource) -> int:
-        return self.memory if r is Resource.MEMORY else self.cores
+        if r is Resource.MEMORY:
+            return self.memory
+        return self.bandwidth if r is Resource.BANDWIDTH else self.cores
 
 
 @dataclass
@@ -109,6 +124,10 @@ def _fmt(r: Resource, amount: float) -> str:
     """An amount in words: allocations exactly (``"6 GiB"``), measured use to 0.01 GiB."""
     if r is Resource.CORES:
         return f"{amount:.3g} cores"
+    if r is Resource.BANDWIDTH:
+        if amount == int(amount):
+            return format_bandwidth(int(amount))
+        return f"{amount / 1000:.2f} Gbit/s"
     if amount == int(amount) and int(amount) % (1 << 20) == 0:
         return format_size(int(amount))
     return f"{amount / (1 << 30):.2f} GiB"
@@ -116,6 +135,7 @@ def _fmt(r: Resource, amount: float) -> str:
 
 def _snapshot(a: Allocator) -> dict[int, SliceInfo]:
     g = a.device.granule_bytes
+    cap = a.device.crossbar.port_mbps
     return {
         sid: SliceInfo(
             s.owner,
@@ -123,6 +143,8 @@ def _snapshot(a: Allocator) -> dict[int, SliceInfo]:
             s.state is SliceState.ACTIVE,
             s.alloc.granules * g,
             len(s.alloc.cores),
+            s.spec.qos.limit_mbps(cap),
+            tuple(s.alloc.ports),
         )
         for sid, s in a.slices.items()
     }
@@ -143,9 +165,12 @@ class AdaptiveController:
         forecaster: SeasonalQuantile | None = None,
         lead_s: float = LEAD_S,
         grace_s: float = RESERVATION_GRACE_S,
+        sources: Sequence[UsageSource] = (),
     ) -> None:
         self.manager = manager
         self.store = store
+        #: measures of memory use besides the guests' reports (the QEMU backend's)
+        self.sources = tuple(sources)
         self.forecaster = forecaster if forecaster is not None else SeasonalQuantile()
         self.lead_s = lead_s
         self.grace_s = grace_s
@@ -160,8 +185,10 @@ class AdaptiveController:
 
     def sample_fabric(self, now: float) -> list[UsageSample]:
         """Store the traffic of each opted-in slice's crossbar ports since the previous
-        call (flit counters, 32-bit, wrapping), as Mbit/s. The ports belong to the VM, so
-        this is the VM's traffic on them."""
+        call (flit counters, 32-bit, wrapping), as the Mbit/s of its busiest port: QoS
+        limits apply per port, so that is what a bandwidth policy compares with the
+        limit. The ports belong to the VM, so this is the VM's traffic on them (all of
+        its slices on a port share that port's traffic)."""
         policies = [AdaptivePolicy.from_stored(d) for d in self.store.policies()]
         wanted = {p.slice_id: p.app_class for p in policies}
         ports = self.manager.read(
@@ -172,17 +199,52 @@ class AdaptiveController:
         flit_bits = self.manager.device.crossbar.data_bytes * 8
         samples = []
         for sid, (owner, held) in ports.items():
-            mbps, measured = 0.0, False
+            rates = []
             for port in held:
                 flits = self.manager.fabric.port_counters(port)["flits"]
                 prev = self._port_prev.get(port)
                 self._port_prev[port] = (now, flits)
                 if prev is not None and now > prev[0]:
                     delta = (flits - prev[1]) % (1 << 32)
-                    mbps += delta * flit_bits / (now - prev[0]) / 1e6
-                    measured = True
-            if measured:
-                samples.append(UsageSample(sid, owner, wanted[sid], now, port_mbps=mbps))
+                    rates.append(delta * flit_bits / (now - prev[0]) / 1e6)
+            if rates:
+                samples.append(
+                    UsageSample(sid, owner, wanted[sid], now, port_mbps=max(rates),
+                                source=FABRIC)
+                )  # fmt: skip
+        self.store.record(samples)
+        return samples
+
+    def sample_sources(self, now: float) -> list[UsageSample]:
+        """Ask every :attr:`sources` for the memory use of the opted-in slices, and store
+        what they measured. A source that fails is logged and skipped for this tick:
+        the guests' own reports still count."""
+        if not self.sources:
+            return []
+        wanted = {
+            p.slice_id: p.app_class
+            for p in (AdaptivePolicy.from_stored(d) for d in self.store.policies())
+        }
+        if not wanted:
+            return []
+        g = self.manager.device.granule_bytes
+        held = self.manager.read(
+            lambda a: {
+                sid: SliceMemory(s.owner, s.alloc.granules * g)
+                for sid, s in a.slices.items()
+                if s.alloc.granules and s.state is SliceState.ACTIVE
+            }
+        )
+        samples: list[UsageSample] = []
+        for source in self.sources:
+            try:
+                measured = source.sample(now, held)
+            except Exception:  # one source's trouble must not stop control
+                log.exception("usage source %s failed", source.name)
+                continue
+            samples += [
+                replace(s, app_class=wanted[s.slice_id]) for s in measured if s.slice_id in wanted
+            ]
         self.store.record(samples)
         return samples
 
@@ -341,7 +403,12 @@ class AdaptiveController:
         return max(p.minimum, min(p.maximum, cur + k * p.step))
 
     def _resize(self, slice_id: int, r: Resource, target: int) -> None:
-        rs = ResizeSpec(memory=target) if r is Resource.MEMORY else ResizeSpec(cores=target)
+        if r is Resource.MEMORY:
+            rs = ResizeSpec(memory=target)
+        elif r is Resource.CORES:
+            rs = ResizeSpec(cores=target)
+        else:  # guaranteed = maximum: admitted against the ports' capacity (docs/adaptive.md)
+            rs = ResizeSpec(qos=QoS(-1, target, target))
         self.manager.resize(slice_id, rs)
 
     def _record(self, pl: _Plan, now: float, action: Action, after: int, reason: str) -> Decision:
@@ -404,7 +471,7 @@ class AdaptiveController:
         """``pl`` cut down to the whole steps still free on the device (None: not one):
         a growth the device cannot give in full is given in part."""
         r = pl.policy.resource
-        free = self.manager.read(lambda a: _free(a, r))
+        free = self.manager.read(lambda a: _free(a, r, pl.policy.slice_id))
         target = min(pl.target, pl.current + pl.policy.step * (free // pl.policy.step))
         if target <= pl.current:
             return None
@@ -418,12 +485,16 @@ class AdaptiveController:
         covers the growth or no donor is left."""
         r = pl.policy.resource
         infos = self.manager.read(_snapshot)
-        short = pl.target - pl.current - self.manager.read(lambda a: _free(a, r))
+        short = (
+            pl.target - pl.current - self.manager.read(lambda a: _free(a, r, pl.policy.slice_id))
+        )
         donors = []
         for p in policies:
             info = infos.get(p.slice_id)
             if p.resource is not r or p.slice_id == pl.policy.slice_id or info is None:
                 continue
+            if r is Resource.BANDWIDTH and not set(info.ports) & set(pl.info.ports):
+                continue  # bandwidth is short on the grower's ports only
             if info.active and info.priority < pl.info.priority and info.amount(r) > p.minimum:
                 reserved = (p.slice_id, r) in self._reservations
                 donors.append((info.priority, not reserved, p.slice_id, p, info))
@@ -450,11 +521,21 @@ class AdaptiveController:
         return out
 
 
-def _free(a: Allocator, r: Resource) -> int:
-    """Free memory (bytes) or cores on the device."""
+def _free(a: Allocator, r: Resource, slice_id: int) -> int:
+    """What ``slice_id`` could grow by: free memory (bytes) or cores on the device, or,
+    for bandwidth, how far its QoS limit can rise with its guaranteed rate admitted on
+    every one of its ports (the least headroom among them, Mbit/s)."""
     if r is Resource.MEMORY:
         return a.memory.free_granules * a.device.granule_bytes
-    return sum(a.cores.free_count(c) for c in range(len(a.device.cluster_sizes)))
+    if r is Resource.CORES:
+        return sum(a.cores.free_count(c) for c in range(len(a.device.cluster_sizes)))
+    s = a.slices[slice_id]
+    cap = a.device.crossbar.port_mbps
+    headroom = min((cap - a.ports[p].guaranteed_mbps for p in s.alloc.ports), default=0)
+    # the slice's own guaranteed rate is already counted: growth to limit L needs
+    # L - guaranteed more on each port, and L cannot exceed the port's capacity
+    own = s.spec.qos.guaranteed_mbps
+    return max(0, min(cap, own + headroom) - s.spec.qos.limit_mbps(cap))
 
 
 class AdaptiveService:
@@ -485,6 +566,7 @@ class AdaptiveService:
             now = self.clock()
             try:
                 self.controller.sample_fabric(now)
+                self.controller.sample_sources(now)
                 self.controller.tick(now)
             except Exception:  # keep controlling; the next tick starts from the table
                 log.exception("adaptive controller tick failed")

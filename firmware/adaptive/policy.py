@@ -2,8 +2,8 @@
 
 A policy, in the shape of ``SET_ADAPTIVE`` (C007h) and of the Python API::
 
-    resource = "memory"      # or "cores"
-    minimum = "2 GiB"        # never below (cores: a count)
+    resource = "memory"      # or "cores", or "bandwidth"
+    minimum = "2 GiB"        # never below (cores: a count; bandwidth: "10 Gbit/s")
     maximum = "16 GiB"       # never above
     step = "1 GiB"           # the unit of every change
     cooldown = 300           # seconds between two changes of this slice's resource;
@@ -15,6 +15,11 @@ The thresholds are the device's, the same for every slice (docs/adaptive.md): gr
 the last sample is at least :data:`UP_AT` of the allocation, shrink when every sample of
 the last ``cooldown`` seconds is at most :data:`DOWN_AT` of it, and size a change so that
 use is about :data:`TARGET` of the new allocation.
+
+Bandwidth is the rate a slice holds on each of its crossbar ports: the controller sets the
+slice's QoS guaranteed *and* maximum bandwidth to the same value, so what it holds is
+admitted against the port's capacity (like any ``RESIZE``) and enforced by the port's
+token bucket (docs/adaptive.md, "Bandwidth").
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from firmware.adaptive.usage import Resource, UsageStore
 from firmware.errors import RequestError
 from firmware.inventory import Device
 from firmware.schema import Table
-from firmware.units import format_size, parse_size
+from firmware.units import format_bandwidth, format_size, parse_bandwidth, parse_size
 
 if TYPE_CHECKING:
     from firmware.manager import ResourceManager
@@ -47,7 +52,8 @@ DEFAULT_APP_CLASS = "default"
 
 @dataclass(frozen=True)
 class AdaptivePolicy:
-    """One slice's policy for one resource (amounts in bytes for memory, cores for cores)."""
+    """One slice's policy for one resource (amounts in bytes for memory, cores for cores,
+    Mbit/s for bandwidth)."""
 
     slice_id: int
     resource: Resource
@@ -70,7 +76,7 @@ class AdaptivePolicy:
             resource = Resource(raw)
         except ValueError:
             raise t.error(
-                "resource", f"{raw!r} is not adaptive", expected=["memory", "cores"]
+                "resource", f"{raw!r} is not adaptive", expected=[r.value for r in Resource]
             ) from None
         if resource is Resource.MEMORY:
             g = device.granule_bytes
@@ -83,6 +89,14 @@ class AdaptivePolicy:
                         limit=g,
                     )
             top, what = device.memory_bytes, "the device's memory"
+        elif resource is Resource.BANDWIDTH:
+            # at least 1 Mbit/s: a QoS maximum of 0 means "no limit" to the allocator
+            amounts = {k: t.quantity(k, parse_bandwidth) for k in ("minimum", "maximum", "step")}
+            for k, v in amounts.items():
+                if v < 1:
+                    raise t.error(k, f"{v} Mbit/s: expected at least 1 Mbit/s", limit=1)
+            top = device.crossbar.port_mbps
+            what = f"a crossbar port's capacity {format_bandwidth(top)}, in Mbit/s"
         else:
             top, what = device.cores, "the device's cores"
             amounts = {k: t.integer(k, lo=1, hi=top) for k in ("minimum", "maximum", "step")}
@@ -136,6 +150,8 @@ def set_policy(
     spec = view["spec"]
     if policy.resource is Resource.MEMORY and "memory" not in spec:
         raise RequestError("resource", f"slice {slice_id} has no memory to adapt")
+    if policy.resource is Resource.BANDWIDTH and not view["alloc"]["ports"]:
+        raise RequestError("resource", f"slice {slice_id} has no crossbar port to carry bandwidth")
     if policy.resource is Resource.CORES:
         if "cores" not in spec:
             raise RequestError("resource", f"slice {slice_id} has no cores to adapt")

@@ -3,10 +3,12 @@ driver that runs VMs with such demand against a real manager and the controller.
 
 The driver is what the controller tests and ``slicefab bench adaptive`` share: at each
 tick of the simulated clock it compares every VM's demand with what its slice holds (an
-SLO violation when demand is above it), reports the use the guest would see
-(``min(demand, held)``: a guest cannot use memory it does not have) as a usage sample,
-then lets the controller decide. Every change goes through the manager, ledger and
-crossbar included.
+SLO violation when demand is above it), records the use that would be measured
+(``min(demand, held)``: a guest cannot use memory it does not have, and a port's token
+bucket lets no more than the slice's limit through) as a usage sample, then lets the
+controller decide. A VM's demand is memory (bytes, reported as the guest would) or
+bandwidth (Mbit/s on its crossbar port, recorded as the fabric counters would measure
+it). Every change goes through the manager, ledger and crossbar included.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import Any
 from firmware.adaptive.controller import AdaptiveController
 from firmware.adaptive.forecast import DAY_S, SeasonalQuantile
 from firmware.adaptive.policy import set_policy
-from firmware.adaptive.usage import Decision, UsageSample
+from firmware.adaptive.usage import FABRIC, Decision, Resource, UsageSample
 from firmware.manager import ResourceManager
 from firmware.slices import SliceSpec
 
@@ -83,18 +85,25 @@ def noisy(values: list[float], sigma: float, rng: random.Random) -> list[float]:
 
 @dataclass
 class SimVm:
-    """One VM of a simulation: its memory demand per tick (bytes) and its slice."""
+    """One VM of a simulation: its demand per tick and its slice. ``resource`` says what
+    the demand is: memory (``demand`` and ``initial`` in bytes) or bandwidth (Mbit/s; the
+    slice gets one crossbar port with that QoS rate guaranteed and as its maximum, and
+    one memory granule, since a slice must hold memory, cores or lanes)."""
 
     owner: str
     demand: list[float]
-    initial: int  # bytes
+    initial: int  # bytes, or Mbit/s
     priority: int = 0
     policy: dict[str, Any] | None = None  # SET_ADAPTIVE's dict form; None: static
     slice_id: int = 0
+    resource: Resource = Resource.MEMORY
 
 
 @dataclass
 class SimResult:
+    """What a run measured. The ``*_gib_h`` integrals are in GiB·h for memory VMs and in
+    Gbit/s·h (1,000 Mbit/s·h) for bandwidth VMs."""
+
     ticks: int = 0
     vm_ticks: int = 0  # measured (vm, tick) pairs
     violations: int = 0  # demand above the allocation
@@ -137,33 +146,54 @@ def simulate(
         kwargs["lead_s"] = lead_s
     controller = AdaptiveController(manager, manager.usage, forecaster=forecaster, **kwargs)
     for vm in vms:
-        spec = SliceSpec.from_dict(
-            {"owner": vm.owner, "name": "sim", "memory": {"size": vm.initial}, "ports": 0,
-             "qos": {"priority": vm.priority}}
-        )  # fmt: skip
+        if vm.resource is Resource.BANDWIDTH:
+            spec = SliceSpec.from_dict(
+                {"owner": vm.owner, "name": "sim", "ports": 1,
+                 "memory": {"size": manager.device.granule_bytes},  # a slice needs one
+                 "qos": {"priority": vm.priority, "guaranteed": vm.initial,
+                         "maximum": vm.initial}}
+            )  # fmt: skip
+        else:
+            spec = SliceSpec.from_dict(
+                {"owner": vm.owner, "name": "sim", "memory": {"size": vm.initial}, "ports": 0,
+                 "qos": {"priority": vm.priority}}
+            )  # fmt: skip
         vm.slice_id = manager.allocate(spec)["id"]
         if vm.policy is not None:
             set_policy(manager, manager.usage, vm.slice_id, dict(vm.policy), caller=None)
     adaptive = any(vm.policy is not None for vm in vms)
     n = min(len(vm.demand) for vm in vms)
     g = manager.device.granule_bytes
+    cap = manager.device.crossbar.port_mbps
     res = SimResult(held={vm.owner: [] for vm in vms})
     hours = step_s / 3600
     for i in range(n):
         now = EPOCH + i * step_s
-        held = manager.read(lambda a: {sid: s.alloc.granules * g for sid, s in a.slices.items()})
+        held = manager.read(
+            lambda a: {
+                sid: (s.alloc.granules * g, s.spec.qos.limit_mbps(cap))
+                for sid, s in a.slices.items()
+            }
+        )
         samples = []
         for vm in vms:
-            have, want = held[vm.slice_id], vm.demand[i]
+            bandwidth = vm.resource is Resource.BANDWIDTH
+            have, want = held[vm.slice_id][1 if bandwidth else 0], vm.demand[i]
+            unit = 1000 if bandwidth else GiB
             res.held[vm.owner].append(have)
             if i >= measure_from:
                 res.vm_ticks += 1
                 res.violations += want > have
-                res.shortfall_gib_h += max(0.0, want - have) / GiB * hours
-                res.over_gib_h += max(0.0, have - want) / GiB * hours
-                res.demand_gib_h += want / GiB * hours
-            used = int(min(want, have))
-            samples.append(UsageSample(vm.slice_id, vm.owner, "sim", now, memory_used=used))
+                res.shortfall_gib_h += max(0.0, want - have) / unit * hours
+                res.over_gib_h += max(0.0, have - want) / unit * hours
+                res.demand_gib_h += want / unit * hours
+            if bandwidth:
+                sample = UsageSample(vm.slice_id, vm.owner, "sim", now,
+                                     port_mbps=min(want, have), source=FABRIC)  # fmt: skip
+            else:
+                used = int(min(want, have))
+                sample = UsageSample(vm.slice_id, vm.owner, "sim", now, memory_used=used)
+            samples.append(sample)
         manager.usage.record(samples)
         if adaptive:
             for d in controller.tick(now):

@@ -1,9 +1,18 @@
 """The usage model: per slice, a time series of measured use, in the ledger's database.
 
-What is measured (:class:`UsageSample`): memory in use and busy cores, as the guest reports
-them (the ``REPORT_USAGE`` opcode, C302h), and the traffic of the slice's crossbar ports
-(flit counters read by the controller: :meth:`firmware.adaptive.controller.
-AdaptiveController.sample_fabric`). Samples are keyed by slice and by the slice's owner and
+What is measured (:class:`UsageSample`), and by whom (its ``source``):
+
+* memory in use: reported by the guest (``REPORT_USAGE``, C302h; source :data:`GUEST`), or,
+  for a VM that runs as a QEMU guest of the firmware, read from QEMU's virtio-balloon guest
+  statistics and virtio-mem (``slicefab_qemu.usage``; source :data:`QEMU_BALLOON`). When
+  both measured a slice in the same bucket, the guest's report wins (it is per slice; QEMU's
+  is per VM, shared out over its slices): :data:`SOURCE_RANK`;
+* busy cores: reported by the guest;
+* port traffic, Mbit/s on the busiest of the slice's crossbar ports (flit counters read by
+  :meth:`firmware.adaptive.controller.AdaptiveController.sample_fabric`; source
+  :data:`FABRIC`).
+
+Samples are keyed by slice and by the slice's owner and
 application class, so the forecaster can learn from a VM's history across slices that come
 and go (a daily batch job's slice is a new slice every day).
 
@@ -18,7 +27,8 @@ Bounded retention (docs/adaptive.md, "Retention"):
 
 * samples are bucketed: one row per slice per :data:`RESOLUTION_S` seconds; a report
   into a bucket that has one keeps the peak of each measure (what the controller and the
-  forecaster need: the highest use in the interval);
+  forecaster need: the highest use in the interval), among the samples of the
+  highest-ranked source for memory;
 * rows older than :data:`RETENTION_S` before the newest sample are deleted
   (:meth:`UsageStore.prune`, run every :data:`PRUNE_EVERY_S` of sample time), so a slice
   never has more than ``(RETENTION_S + PRUNE_EVERY_S) / RESOLUTION_S + 1`` rows (11,531
@@ -36,10 +46,10 @@ import enum
 import json
 import sqlite3
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from firmware.errors import LedgerError
 
@@ -53,6 +63,13 @@ PRUNE_EVERY_S = 600
 #: the number of controller decisions kept
 DECISION_RETENTION = 10_000
 
+#: usage sources (UsageSample.source)
+GUEST = "guest"  # REPORT_USAGE from the VM
+QEMU_BALLOON = "qemu-balloon"  # QEMU's balloon statistics + virtio-mem (slicefab_qemu.usage)
+FABRIC = "fabric"  # the crossbar's flit counters
+#: which memory measure wins in a bucket both measured: the higher rank
+SOURCE_RANK = {GUEST: 2, QEMU_BALLOON: 1}
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS usage_samples (
     slice INTEGER NOT NULL,
@@ -63,6 +80,7 @@ CREATE TABLE IF NOT EXISTS usage_samples (
     memory_used INTEGER,
     cores_busy REAL,
     port_mbps REAL,
+    memory_source TEXT,
     PRIMARY KEY (slice, bucket)
 );
 CREATE INDEX IF NOT EXISTS usage_by_bucket ON usage_samples (bucket);
@@ -88,10 +106,12 @@ CREATE TABLE IF NOT EXISTS adaptive_decisions (
 
 
 class Resource(enum.Enum):
-    """What a policy controls: memory in bytes, or cores (a count)."""
+    """What a policy controls: memory in bytes, cores (a count), or bandwidth (the Mbit/s
+    the slice holds on each of its crossbar ports)."""
 
     MEMORY = "memory"
     CORES = "cores"
+    BANDWIDTH = "bandwidth"
 
 
 class Action(enum.Enum):
@@ -108,7 +128,9 @@ class Action(enum.Enum):
 
 @dataclass(frozen=True)
 class UsageSample:
-    """One measurement of a slice. ``None``: not measured by this source."""
+    """One measurement of a slice. ``None``: not measured by this source. ``source`` says
+    who measured ``memory_used`` (:data:`GUEST` or :data:`QEMU_BALLOON`); as read back
+    from the store, it is the source whose memory measure won the bucket."""
 
     slice_id: int
     owner: str
@@ -116,13 +138,76 @@ class UsageSample:
     at: float
     memory_used: int | None = None  # bytes
     cores_busy: float | None = None  # cores' worth of busy time
-    port_mbps: float | None = None  # traffic entering the slice's crossbar ports
+    port_mbps: float | None = None  # traffic entering the busiest of the slice's ports
+    source: str = GUEST
 
     def value(self, resource: Resource) -> float | None:
         """The measure ``resource`` is controlled by (None if this sample lacks it)."""
         if resource is Resource.MEMORY:
             return None if self.memory_used is None else float(self.memory_used)
+        if resource is Resource.BANDWIDTH:
+            return self.port_mbps
         return self.cores_busy
+
+
+@dataclass(frozen=True)
+class SliceMemory:
+    """What a :class:`UsageSource` is told of a slice: its owner and the memory it holds."""
+
+    owner: str
+    memory: int  # bytes
+
+
+class UsageSource(Protocol):
+    """A measure of slices' memory use taken by the firmware itself, besides the guest's
+    ``REPORT_USAGE`` and the fabric counters: the QEMU backend's balloon statistics
+    (``slicefab_qemu.usage.QemuUsage``). ``sample`` gets every slice that holds memory
+    and returns samples for those it could measure (``source`` set, ``app_class``
+    filled in by the controller); it may raise, and the controller then logs it and
+    goes on without this source for the tick."""
+
+    name: str
+
+    def sample(self, now: float, slices: Mapping[int, SliceMemory]) -> list[UsageSample]: ...
+
+
+#: the usage_samples column each resource is controlled by
+_COLUMN = {
+    Resource.MEMORY: "memory_used",
+    Resource.CORES: "cores_busy",
+    Resource.BANDWIDTH: "port_mbps",
+}
+
+
+def _rank(column: str) -> str:
+    """SQL: the rank of a memory source (:data:`SOURCE_RANK`; unknown and NULL rank 0)."""
+    cases = " ".join(f"WHEN '{k}' THEN {v}" for k, v in SOURCE_RANK.items())
+    return f"(CASE coalesce({column}, '{GUEST}') {cases} ELSE 0 END)"
+
+
+# A report into a bucket that has a row: memory from the higher-ranked source (the peak
+# of the two if they rank the same); cores and port traffic keep their peak.
+_NEW, _OLD = _rank("excluded.memory_source"), _rank("memory_source")
+_MERGE = (
+    "INSERT INTO usage_samples VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
+    "ON CONFLICT (slice, bucket) DO UPDATE SET "
+    "at = max(at, excluded.at), owner = excluded.owner, app_class = excluded.app_class, "
+    "memory_used = CASE "
+    "  WHEN excluded.memory_used IS NULL THEN memory_used "
+    "  WHEN memory_used IS NULL THEN excluded.memory_used "
+    f"  WHEN {_NEW} > {_OLD} THEN excluded.memory_used "
+    f"  WHEN {_NEW} < {_OLD} THEN memory_used "
+    "  ELSE max(memory_used, excluded.memory_used) END, "
+    "memory_source = CASE "
+    "  WHEN excluded.memory_used IS NULL THEN memory_source "
+    "  WHEN memory_used IS NULL THEN excluded.memory_source "
+    f"  WHEN {_NEW} > {_OLD} THEN excluded.memory_source "
+    "  ELSE memory_source END, "
+    "cores_busy = max(coalesce(cores_busy, excluded.cores_busy), "
+    "                 coalesce(excluded.cores_busy, cores_busy)), "
+    "port_mbps = max(coalesce(port_mbps, excluded.port_mbps), "
+    "                coalesce(excluded.port_mbps, port_mbps))"
+)
 
 
 @dataclass(frozen=True)
@@ -145,6 +230,12 @@ class Decision:
             "resource": self.resource.value, "action": self.action.value,
             "before": self.before, "after": self.after, "reason": self.reason,
         }  # fmt: skip
+
+
+def _source_of(memory_used: int | None, cores_busy: float | None) -> str:
+    """The source of a row with no memory_source: a guest's report (rows written before
+    sources were recorded were all the guest's), or the fabric's if it only has traffic."""
+    return GUEST if memory_used is not None or cores_busy is not None else FABRIC
 
 
 class UsageStore:
@@ -178,6 +269,9 @@ class UsageStore:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(_SCHEMA)
+            columns = {r[1] for r in self._db.execute("PRAGMA table_info(usage_samples)")}
+            if "memory_source" not in columns:  # a file from before usage sources
+                self._db.execute("ALTER TABLE usage_samples ADD COLUMN memory_source TEXT")
         except sqlite3.Error as e:
             raise LedgerError(f"cannot open usage tables in {self.path}: {e}") from e
 
@@ -194,7 +288,8 @@ class UsageStore:
         peak of each measure. Prunes old rows every ``PRUNE_EVERY_S`` of sample time."""
         rows = [
             (s.slice_id, int(s.at // self.resolution_s), s.owner, s.app_class, s.at,
-             s.memory_used, s.cores_busy, s.port_mbps)
+             s.memory_used, s.cores_busy, s.port_mbps,
+             s.source if s.memory_used is not None else None)
             for s in samples
         ]  # fmt: skip
         if not rows:
@@ -202,19 +297,7 @@ class UsageStore:
         with self._lock:
             self._write("BEGIN IMMEDIATE")
             try:
-                self._db.executemany(
-                    "INSERT INTO usage_samples VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
-                    "ON CONFLICT (slice, bucket) DO UPDATE SET "
-                    "at = max(at, excluded.at), owner = excluded.owner, "
-                    "app_class = excluded.app_class, "
-                    "memory_used = max(coalesce(memory_used, excluded.memory_used), "
-                    "                  coalesce(excluded.memory_used, memory_used)), "
-                    "cores_busy = max(coalesce(cores_busy, excluded.cores_busy), "
-                    "                 coalesce(excluded.cores_busy, cores_busy)), "
-                    "port_mbps = max(coalesce(port_mbps, excluded.port_mbps), "
-                    "                coalesce(excluded.port_mbps, port_mbps))",
-                    rows,
-                )
+                self._db.executemany(_MERGE, rows)
                 self._newest = max(self._newest, max(r[4] for r in rows))
                 if self._newest >= self._next_prune:
                     self._prune_locked(self._newest)
@@ -237,18 +320,23 @@ class UsageStore:
         """The slice's samples at or after ``since``, oldest first."""
         with self._lock:
             rows = self._db.execute(
-                "SELECT slice, owner, app_class, at, memory_used, cores_busy, port_mbps "
-                "FROM usage_samples WHERE slice = ? AND bucket >= ? ORDER BY bucket",
+                "SELECT slice, owner, app_class, at, memory_used, cores_busy, port_mbps, "
+                "memory_source FROM usage_samples WHERE slice = ? AND bucket >= ? "
+                "ORDER BY bucket",
                 (slice_id, int(since // self.resolution_s)),
             ).fetchall()
-        return [UsageSample(*r) for r in rows if r[3] >= since]
+        return [
+            UsageSample(sid, owner, cls, at, mem, cores, mbps, src or _source_of(mem, cores))
+            for sid, owner, cls, at, mem, cores, mbps, src in rows
+            if at >= since
+        ]
 
     def history(
         self, owner: str, app_class: str, resource: Resource, since: float
     ) -> list[tuple[float, float]]:
         """``(at, value)`` of ``resource`` for every slice of ``owner`` labelled
         ``app_class``, from ``since``, oldest first (the forecaster's input)."""
-        column = "memory_used" if resource is Resource.MEMORY else "cores_busy"
+        column = _COLUMN[resource]
         with self._lock:
             rows = self._db.execute(
                 f"SELECT at, {column} FROM usage_samples WHERE owner = ? AND app_class = ? "

@@ -38,6 +38,10 @@ the firmware for that long would stall every VM. The memory is the guest's RAM, 
 unit of the device, so isolation does not depend on it. Additions return once QEMU has
 the device; the guest sees it asynchronously (``slicefab bench qemu`` measures how long).
 
+For the adaptive controller, :meth:`QemuVmm.memory_stats` reads each running guest's
+memory statistics (its balloon's ``guest-stats`` and virtio-mem's sizes); the usage
+source built on it is :class:`slicefab_qemu.usage.QemuUsage`.
+
 A VM is found through its run directory (``<state>/run/<vm>/vm.json``, written by the
 launcher); a watcher thread notices VMs that boot or go away and brings a new VM to its
 slices' state. The backend reads what a VM has from QEMU itself (its device tree), so a
@@ -72,12 +76,15 @@ from slicefab_qemu.config import (
 from slicefab_qemu.errors import QmpFailure, VmError
 from slicefab_qemu.launcher import VmRecord, list_records
 from slicefab_qemu.qmp import QmpChannel
+from slicefab_qemu.usage import MemoryStats, has_balloon, read_memory_stats
 
 log = logging.getLogger("slicefab.qemu")
 
 #: how long a removal may take in the guest (ACPI eject, virtio-mem unplug) under TCG
 UNPLUG_TIMEOUT_S = 20.0
 WATCH_INTERVAL_S = 0.5
+#: how long a statistics read waits for a VM busy being reconfigured (then: next tick)
+STATS_LOCK_S = 1.0
 NVME_BLOCK_SIZE = 1 << 30  # the null-co namespace each NVMe controller shows
 
 
@@ -142,6 +149,8 @@ class VmSession:
         self.qmp.connect(timeout=5.0)
         self.plan_seq = -1
         self.hw = self.read_hardware()
+        #: whether the VM has the launcher's balloon (guest memory statistics)
+        self.balloon = has_balloon(self.qmp)
 
     def close(self) -> None:
         self.qmp.close()
@@ -157,10 +166,11 @@ class VmSession:
         for child in self.qmp.execute("qom-list", {"path": "/machine/peripheral"}):
             name = str(child["name"])
             if name.startswith(NVME_PREFIX):
-                bus = str(self.qmp.execute("qom-get", {"path": _dev(name),
-                                                       "property": "parent_bus"}))
+                bus = str(
+                    self.qmp.execute("qom-get", {"path": _dev(name), "property": "parent_bus"})
+                )
                 port = next((p for p in bus.split("/") if p.startswith(ROOT_PORT_PREFIX)), "")
-                hw.nvme[int(name[len(NVME_PREFIX):])] = port
+                hw.nvme[int(name[len(NVME_PREFIX) :])] = port
         return hw
 
     def free_root_ports(self) -> list[str]:
@@ -183,9 +193,7 @@ class VmSession:
             for sid in sorted(set(self.hw.nvme) - {i for i, h in want.items() if h.nvme}):
                 port = self.hw.nvme[sid]
                 self._nvme_del(sid)
-                undo.push(
-                    f"NVMe of slice {sid} removal", partial(self._nvme_add, sid, port)
-                )
+                undo.push(f"NVMe of slice {sid} removal", partial(self._nvme_add, sid, port))
             target = sum(h.memory for h in want.values())
             if target != self.hw.memory:
                 before = self.hw.memory
@@ -198,7 +206,8 @@ class VmSession:
                         raise FabricError(
                             f"VM {self.name}: no free pcie-root-port for the NVMe controller "
                             f"of slice {sid} ({self.config.root_ports} in the VM)",
-                            vm=self.name, slice=sid,
+                            vm=self.name,
+                            slice=sid,
                         )
                     self._nvme_add(sid, ports[0])
                     undo.push(f"NVMe of slice {sid}", partial(self._nvme_del, sid))
@@ -207,7 +216,8 @@ class VmSession:
             with contextlib.suppress(VmError):
                 self.hw = self.read_hardware()
             state = (
-                "it is back as it was" if not problems
+                "it is back as it was"
+                if not problems
                 else "undoing failed too: " + "; ".join(problems)
             )
             msg = e.message if isinstance(e, FabricError) else str(e)
@@ -228,13 +238,22 @@ class VmSession:
         try:
             self._change(
                 "blockdev-add",
-                {"driver": "null-co", "node-name": node, "size": NVME_BLOCK_SIZE,
-                 "read-zeroes": True},
+                {
+                    "driver": "null-co",
+                    "node-name": node,
+                    "size": NVME_BLOCK_SIZE,
+                    "read-zeroes": True,
+                },
             )
             self._change(
                 "device_add",
-                {"driver": "nvme", "id": f"{NVME_PREFIX}{sid}", "serial": nvme_serial(sid),
-                 "drive": node, "bus": port},
+                {
+                    "driver": "nvme",
+                    "id": f"{NVME_PREFIX}{sid}",
+                    "serial": nvme_serial(sid),
+                    "drive": node,
+                    "bus": port,
+                },
             )
         except VmError as e:
             # A node left behind would refuse the next add of this slice as a duplicate,
@@ -253,7 +272,9 @@ class VmSession:
         self._change("blockdev-del", {"node-name": f"{dev}-blk"})
 
     def _change(
-        self, command: str, arguments: dict[str, Any],
+        self,
+        command: str,
+        arguments: dict[str, Any],
         wait: tuple[str, dict[str, Any]] | None = None,
     ) -> Any:
         """One QMP command that changes the VM's hardware (a durable step: it outlives the
@@ -330,21 +351,32 @@ class QemuVmm:
         memory = sum(h.memory for h in others)
         if memory + new.memory > config.hotplug_memory:
             raise InsufficientResources(
-                f"VM {owner} memory", new.memory, config.hotplug_memory - memory, "bytes",
+                f"VM {owner} memory",
+                new.memory,
+                config.hotplug_memory - memory,
+                "bytes",
                 f"its virtio-mem region holds {config.hotplug_memory} bytes "
                 "(slicefab vm up --hotplug-memory)",
                 vm=owner,
             )
         if new.memory % config.block_size:
             raise InsufficientResources(
-                f"VM {owner} memory", new.memory, new.memory - new.memory % config.block_size,
-                "bytes", f"virtio-mem plugs whole {config.block_size}-byte blocks", vm=owner,
+                f"VM {owner} memory",
+                new.memory,
+                new.memory - new.memory % config.block_size,
+                "bytes",
+                f"virtio-mem plugs whole {config.block_size}-byte blocks",
+                vm=owner,
             )
         nvme = sum(1 for h in others if h.nvme)
         if new.nvme and nvme + 1 > config.root_ports:
             raise InsufficientResources(
-                f"VM {owner} pcie-root-ports", 1, config.root_ports - nvme, "",
-                "one per NVMe-pinned lane slice (slicefab vm up --root-ports)", vm=owner,
+                f"VM {owner} pcie-root-ports",
+                1,
+                config.root_ports - nvme,
+                "",
+                "one per NVMe-pinned lane slice (slicefab vm up --root-ports)",
+                vm=owner,
             )
 
     def plan(self, slices: Iterable[Slice]) -> Plan:
@@ -366,7 +398,8 @@ class QemuVmm:
         hardware had to change for this plan and could not (each one undone)."""
         with self._lock:
             changed = [
-                vm for vm, want in plan.vms.items()
+                vm
+                for vm, want in plan.vms.items()
                 if dict(want) != dict(self._last.vms.get(vm, {}))
             ]
             if plan.seq > self._last.seq:
@@ -436,6 +469,25 @@ class QemuVmm:
                 self._watch_once()
             except Exception:  # the watcher must outlive any one VM's trouble
                 log.exception("qemu backend watcher")
+
+    def memory_stats(self, vms: set[str]) -> dict[str, MemoryStats]:
+        """The memory statistics of those of ``vms`` that run with a balloon. A VM that
+        does not answer is logged and left out; if another thread is reconfiguring VMs
+        for longer than :data:`STATS_LOCK_S`, the answer is empty (the next tick reads)."""
+        if not self._lock.acquire(timeout=STATS_LOCK_S):
+            return {}
+        try:
+            out: dict[str, MemoryStats] = {}
+            for vm, session in self._sessions.items():
+                if vm not in vms or not session.balloon:
+                    continue
+                try:
+                    out[vm] = read_memory_stats(session.qmp)
+                except VmError as e:
+                    log.warning("VM %s: cannot read memory statistics: %s", vm, e)
+            return out
+        finally:
+            self._lock.release()
 
     def close(self) -> None:
         self._stop.set()

@@ -15,6 +15,10 @@ here, so the composition is unit-tested without QEMU. The devices (docs/qemu.md)
                             (QEMU 7.2 has no CXL Dynamic Capacity, see docs/qemu.md)
 ``pcie-root-port`` sf-rpN   empty hot-plug slots: an NVMe-pinned lane slice becomes an
                             NVMe controller plugged into one of them
+``virtio-balloon-pci``      never inflated: it is there for its guest statistics
+sf-balloon                  (``guest-stats``, polled every :data:`BALLOON_POLL_S`), the
+                            firmware's own measure of the guest's memory use
+                            (slicefab_qemu.usage, docs/adaptive.md)
 spare vCPU slots            ``-smp N,maxcpus=M``: slots for vCPU hot-plug by hand (QMP);
                             core slices do not use them (docs/qemu.md says why)
 QMP, guest agent, runner    Unix sockets in the run directory: QEMU's monitors (one for
@@ -49,6 +53,7 @@ CXL_LSA = "sf-cxl-lsa"
 CXL_HOST_BRIDGE = "sf-cxl-hb"
 CXL_ROOT_PORT = "sf-cxl-rp"
 CXL_DEV = "sf-cxl-type3"
+BALLOON_DEV = "sf-balloon"
 ROOT_PORT_PREFIX = "sf-rp"
 GUEST_AGENT_PORT = "org.qemu.guest_agent.0"
 RUNNER_PORT = "org.slicefab.runner.0"
@@ -58,6 +63,8 @@ NVME_PREFIX = "sf-nvme-"
 #: the NVMe serial number of a slice's controller (≤ 20 characters, NVMe spec 1.4 §5.15.2)
 NVME_SERIAL_PREFIX = "slicefab-"
 
+#: how often the guest's balloon driver refreshes its statistics (seconds)
+BALLOON_POLL_S = 2
 #: how long a TCG boot may take before ``up`` gives up (20-40 s on the 2-core machine)
 BOOT_TIMEOUT_S = 240.0
 #: Linux limits a Unix socket path to 107 bytes (sun_path with its NUL)
@@ -288,6 +295,10 @@ def qemu_args(config: VmConfig, run: RunPaths, mailbox: Path, mailbox_size: int)
         "-device",
         f"virtio-mem-pci,bus=pcie.0,id={VMEM_DEV},memdev={VMEM_MEM},"
         f"block-size={_size(c.block_size)},requested-size=0",
+        # guest memory statistics for the usage model (a balloon never inflated)
+        "-device",
+        f"virtio-balloon-pci,bus=pcie.0,id={BALLOON_DEV},"
+        f"guest-stats-polling-interval={BALLOON_POLL_S}",
     ]  # fmt: skip
     for i in range(c.root_ports):
         a += [
