@@ -271,6 +271,7 @@ LAZY_BENCHES: dict[str, tuple[str, str]] = {
     "placement": ("firmware.pool.bench", "bench_placement"),  # issue 7: docs/pool.md
     "pool": ("firmware.pool.bench", "bench_pool"),  # issue 7: starts etcd + 3 devices
     "adaptive": ("firmware.adaptive.bench", "bench_adaptive"),  # issue 9: docs/adaptive.md
+    "migration": ("firmware.adaptive.bench", "bench_migration"),  # issue 9: etcd, docs/pool.md
 }
 
 

@@ -27,6 +27,7 @@ import os
 import random
 import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 from firmware.adaptive.forecast import DAY_S, SeasonalQuantile
@@ -161,4 +162,117 @@ def bench_adaptive(quick: bool) -> dict[str, Any]:
         and predictive.over_provisioning
         <= reactive.over_provisioning * (1 + OVER_PROVISIONING_SLACK)
     )
+    return out
+
+
+# ---------------------------------------------------------------------- migration (part 4)
+
+#: model copy link between two devices (bytes/s): a PCIe Gen4 x16 / CXL link's order
+MIGRATION_LINK = 16 * (1 << 30)
+#: the VM's writes (pages/s; 90 % into a working set of 10 % of its pages)
+MIGRATION_WRITE_RATE = 5000.0
+
+
+def _one_move(endpoints: list[str], mem: Any, size_gib: int, mode: str, k: int) -> dict[str, Any]:
+    """Compose a slice of ``size_gib`` on one device, start its VM writing, move it with
+    ``mode``, keep writing a little, check every page, release."""
+    from firmware.pool.composer import Pool
+    from firmware.pool.memory import CopyLink, SequenceWriter
+    from firmware.pool.migrate import Migrator
+
+    pool = Pool(endpoints)
+    cid = f"mig-{mode[:4]}-{size_gib}-{k}"
+    c = pool.compose(
+        {"owner": "vm-m", "cores": 4, "memory": f"{size_gib} GiB", "max_devices": 1}, cid=cid
+    )
+    source = c["parts"][0]["device"]
+    vm = mem.open_map(cid, source)
+    mig = Migrator(endpoints, memory=mem, link=CopyLink(MIGRATION_LINK), mode=mode)
+    try:
+        with SequenceWriter(vm, rate=MIGRATION_WRITE_RATE, seed=SEED + k) as w:
+            time.sleep(0.1)
+            calm = w.longest_s  # the anchor: the writer's worst write with no move running
+            w.longest_s = 0.0
+            move = mig.migrate(cid, source)
+            time.sleep(0.05)
+        bad = w.check(vm.store)
+        if w.errors or bad:
+            raise AssertionError(f"migration lost data or failed a request: {w.errors} {bad[:3]}")
+        assert move.copy is not None
+        return {
+            "total_ms": round(move.total_s * 1000, 1),
+            "program_ms": round(move.program_s * 1000, 1),
+            "copy_switch_ms": round(move.copy_switch_s * 1000, 1),
+            "release_ms": round(move.release_s * 1000, 1),
+            "pages": move.copy.pages,
+            "pages_copied": move.copy.pages_copied,
+            "rounds": move.copy.rounds,
+            "switch_pages": move.copy.switch_pages,
+            "stall_ms": round(w.longest_s * 1000, 2),
+            "calm_ms": round(calm * 1000, 3),
+            "writes": w.writes,
+        }
+    finally:
+        pool.release(cid)
+
+
+def bench_migration(quick: bool) -> dict[str, Any]:
+    """``slicefab bench migration``: move a slice between two devices of a pool (1 etcd
+    member on loopback, 2 in-process devices) while its VM writes, live (pre-copy) and by
+    stop-and-copy (the baseline, same run), for a few memory sizes (docs/pool.md, "Live
+    migration"). ``--quick``: 1 and 4 GiB, else 2, 8 and 32 GiB."""
+    from firmware.pool.cluster import LocalEtcd
+    from firmware.pool.member import PoolMember
+    from firmware.pool.memory import MemoryDirectory
+
+    sizes = (1, 4) if quick else (2, 8, 32)
+    out: dict[str, Any] = {
+        "link (GiB/s)": MIGRATION_LINK / (1 << 30),
+        "VM writes/s (90% in 10% of pages)": MIGRATION_WRITE_RATE,
+        "page (MiB)": 2,
+    }
+    with tempfile.TemporaryDirectory(prefix="slicefab-bench-migration-") as tmp:
+        opened: list[tuple[Any, Any, StateDir]] = []
+        with LocalEtcd(Path(tmp) / "etcd", 1) as cluster:
+            try:
+                mem = MemoryDirectory()
+                for i in range(2):
+                    state = StateDir(Path(tmp) / f"dev{i}")
+                    m = open_manager(state, durability=Durability.CRASH)
+                    member = PoolMember(m, cluster.endpoints, f"dev{i}", ttl=5, memory=mem)
+                    opened.append((m, member, state))
+                    member.start()
+                for k, size in enumerate(sizes):
+                    live = _one_move(cluster.endpoints, mem, size, "live", k)
+                    stop = _one_move(cluster.endpoints, mem, size, "stop-and-copy", k)
+                    p = f"{size} GiB"
+                    out[f"{p}: live move, total (ms)"] = live["total_ms"]
+                    out[f"{p}: stop-and-copy move, total (ms)"] = stop["total_ms"]
+                    out[f"{p}: live move: program B / copy+switch / release A (ms)"] = (
+                        f"{live['program_ms']} / {live['copy_switch_ms']} / {live['release_ms']}"
+                    )
+                    out[f"{p}: pages copied / pages (live)"] = (
+                        f"{live['pages_copied']} / {live['pages']} = "
+                        f"{live['pages_copied'] / live['pages']:.3f}"
+                    )
+                    out[f"{p}: pre-copy rounds (live)"] = live["rounds"]
+                    out[f"{p}: pages copied in the switch (live / stop-and-copy)"] = (
+                        f"{live['switch_pages']} / {stop['switch_pages']}"
+                    )
+                    out[f"{p}: longest VM stall, live (ms)"] = live["stall_ms"]
+                    out[f"{p}: longest VM stall, stop-and-copy (ms)"] = stop["stall_ms"]
+                    out[f"{p}: stall live / stop-and-copy"] = round(
+                        live["stall_ms"] / max(stop["stall_ms"], 1e-6), 4
+                    )
+                    out[f"{p}: longest write with no move (ms)"] = max(
+                        live["calm_ms"], stop["calm_ms"]
+                    )
+                    out[f"{p}: VM writes during the moves, failed"] = (
+                        f"{live['writes'] + stop['writes']}, 0"
+                    )
+            finally:
+                for m, member, state in opened:
+                    member.stop()
+                    m.close()
+                    state.unlock()
     return out

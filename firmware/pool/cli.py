@@ -6,6 +6,9 @@
     slicefab pool status | list [--owner VM] | show ID
     slicefab pool compose --owner vm-a --cores 8 --memory 32GiB --nvme 1 [--max-devices 2]
     slicefab pool release ID
+    slicefab pool migrate ID --from DEV [--to DEV] | --abort
+    slicefab pool drain DEV | undrain DEV
+    slicefab pool rebalance [--threshold 0.25] [--max-moves 4] [--dry-run]
     slicefab pool down [--dir DIR]
 
 ``up`` starts etcd and N device daemons (``slicefab serve --pool ... --device-id devN``)
@@ -254,7 +257,7 @@ def cmd_status(args: argparse.Namespace, console: Console) -> int:
         t.add_column(col)
     for d in st["devices"]:
         t.add_row(
-            d["device"],
+            d["device"] + (" (draining)" if d.get("draining") else ""),
             d["zone"],
             _capacity_row(d["free"]),
             _capacity_row(d["total"]),
@@ -346,6 +349,88 @@ def cmd_show(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def _migrator(args: argparse.Namespace) -> Any:
+    from firmware.pool.migrate import Migrator
+
+    return Migrator(_endpoints(args))
+
+
+def _move_line(m: dict[str, Any]) -> str:
+    copy = m.get("copy")
+    pages = (
+        f"{copy['pages_copied']} pages copied of {copy['pages']} in {copy['rounds']} rounds, "
+        f"switch {copy['switch_ms']} ms"
+        if copy
+        else "no page content in this process"
+    )
+    return f"{m['composition']}: {m['from']} → {m['to']} in {m['total_ms']} ms ({pages})"
+
+
+def cmd_migrate(args: argparse.Namespace, console: Console) -> int:
+    mig = _migrator(args)
+    if args.abort:
+        r = mig.abort(args.id)
+        if args.json:
+            _emit(r)
+        else:
+            console.print(f"aborted the move of {args.id} from {r['from']} to {r['to']}")
+        return 0
+    if not args.source:
+        raise ConfigError("migrate needs --from DEVICE (or --abort)", field="from")
+    move = mig.migrate(args.id, args.source, args.target).to_dict()
+    if args.json:
+        _emit(move)
+    else:
+        console.print("moved " + _move_line(move))
+    return 0
+
+
+def _report_moves(r: dict[str, Any], console: Console) -> None:
+    for m in r["moved"]:
+        console.print("moved " + _move_line(m))
+    for f in r["failed"]:
+        console.print(f"[bold red]not moved[/] {f['composition']}: {f['error']['message']}")
+
+
+def cmd_drain(args: argparse.Namespace, console: Console) -> int:
+    r = _migrator(args).drain(args.device)
+    if args.json:
+        _emit(r)
+    else:
+        _report_moves(r, console)
+        console.print(
+            f"{args.device} is draining and empty"
+            if r["empty"]
+            else f"{args.device} is draining; parts left: {', '.join(r['parts_left'])}"
+        )
+    return 0 if r["empty"] else 1
+
+
+def cmd_undrain(args: argparse.Namespace, console: Console) -> int:
+    rec = _migrator(args).set_draining(args.device, False)
+    if args.json:
+        _emit(rec.to_dict())
+    else:
+        console.print(f"{args.device} takes new reservations again")
+    return 0
+
+
+def cmd_rebalance(args: argparse.Namespace, console: Console) -> int:
+    r = _migrator(args).rebalance(args.threshold, args.max_moves, dry_run=args.dry_run)
+    if args.json:
+        _emit(r)
+        return 0 if not r["failed"] else 1
+    for m in r["planned"]:
+        console.print(
+            f"would move {m['composition']}: {m['from']} → {m['to']} (cost {m['cost_now']} → "
+            f"{m['cost_after']})"
+        )
+    _report_moves(r, console)
+    if not (r["planned"] or r["moved"] or r["failed"]):
+        console.print(f"balanced: no move lowers a part's cost by more than {args.threshold}")
+    return 0 if not r["failed"] else 1
+
+
 # ---------------------------------------------------------------------- parser
 
 
@@ -403,3 +488,22 @@ def add_pool_commands(sub: Any, console: Console) -> None:
     r.add_argument("id")
     r.add_argument("--owner", help="act as this VM (refused if it is not the owner)")
     bind(r, cmd_release)
+    mg = ps.add_parser("migrate", parents=[common], help="move a composition's part live")
+    mg.add_argument("id")
+    mg.add_argument("--from", dest="source", help="the device whose part moves")
+    mg.add_argument("--to", dest="target", help="the target device (default: least cost)")
+    mg.add_argument("--abort", action="store_true", help="roll back a move whose mover died")
+    bind(mg, cmd_migrate)
+    dr = ps.add_parser("drain", parents=[common], help="move every part off a device")
+    dr.add_argument("device")
+    bind(dr, cmd_drain)
+    ud = ps.add_parser("undrain", parents=[common], help="let a drained device take parts")
+    ud.add_argument("device")
+    bind(ud, cmd_undrain)
+    rb = ps.add_parser("rebalance", parents=[common], help="move parts whose cost drops")
+    rb.add_argument(
+        "--threshold", type=float, default=0.25, help="least cost gain to move (default 0.25)"
+    )
+    rb.add_argument("--max-moves", type=int, default=4, help="at most this many (default 4)")
+    rb.add_argument("--dry-run", action="store_true", help="only print the planned moves")
+    bind(rb, cmd_rebalance)

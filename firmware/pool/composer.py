@@ -55,6 +55,7 @@ from firmware.pool.model import (
     COMPOSITIONS,
     DEVICES,
     PARTS,
+    PREFIX,
     CompositionRequest,
     DeviceRecord,
     Part,
@@ -151,8 +152,28 @@ class Pool:
         }
 
     def check(self, local_slices: dict[str, list[dict[str, Any]]] | None = None) -> list[str]:
-        """:func:`check_pool` on what etcd holds now (and the devices' own slice lists)."""
-        return check_pool(self.devices(), self.compositions(), local_slices)
+        """:func:`check_pool` on what etcd holds now (and the devices' own slice lists).
+        Devices, compositions and part statuses are read in one range, at one revision,
+        so the check holds at any moment (also while a migration runs), not only once
+        the pool is quiet."""
+        kvs, _ = self.etcd.range(PREFIX, prefix=True)
+        devs = {
+            d.device: d
+            for d in (
+                DeviceRecord.from_dict(kv.json(), kv.mod_revision, kv.lease)
+                for kv in kvs
+                if kv.key.startswith(DEVICES)
+            )
+        }
+        by_cid: dict[str, list[KV]] = {}
+        for kv in kvs:
+            if kv.key.startswith(PARTS):
+                by_cid.setdefault(kv.key[len(PARTS) :].split("/")[0], []).append(kv)
+        comps = [
+            _view(c, devs, by_cid.get(c["id"], []))
+            for c in (kv.json() for kv in kvs if kv.key.startswith(COMPOSITIONS))
+        ]
+        return check_pool(list(devs.values()), comps, local_slices)
 
     # ------------------------------------------------------------------ compose
 
@@ -198,7 +219,8 @@ class Pool:
     def _reserve(self, req: CompositionRequest, cid: str, nonce: str) -> Placement:
         for attempt in range(MAX_ATTEMPTS):
             devs = self.devices()
-            placement = place(req, devs, self.weights)  # NoPlacement: nothing to retry
+            # a draining device takes no new reservation (slicefab pool drain)
+            placement = place(req, [d for d in devs if not d.draining], self.weights)
             by_id = {d.device: d for d in devs}
             compare = [absent(composition_key(cid))]
             ops = []
@@ -209,7 +231,7 @@ class Pool:
                 ops.append(
                     put(
                         reservation_key(d.device, cid),
-                        {"id": cid, "owner": req.owner, "part": p.to_dict()},
+                        {"id": cid, "owner": req.owner, "part": p.to_dict(), "nonce": nonce},
                     )
                 )
             ops.append(
@@ -300,7 +322,9 @@ class Pool:
             compare = [mod_revision_is(composition_key(cid), kv.mod_revision)]
             ops = [delete(composition_key(cid))]
             given_back = []
-            for raw in comp["parts"]:
+            # a part being migrated holds its target's capacity too (firmware.pool.migrate)
+            moving = [comp["migration"]["part"]] if comp.get("migration") else []
+            for raw in comp["parts"] + moving:
                 p = Part.from_dict(raw)
                 ops.append(delete(reservation_key(p.device, cid)))
                 d = devs.get(p.device)
@@ -381,6 +405,7 @@ def _view(
         "parts": parts,
         "cost": comp.get("cost"),
         "created": comp.get("created"),
+        "migration": comp.get("migration"),
     }
 
 
@@ -399,13 +424,16 @@ def check_pool(
     * with ``local_slices`` (device id → the device's own slice list, ``slicefab slices
       list``): each active part's slices exist on its device with exactly the part's cores,
       memory and NVMe groups, and no pool slice exists there without a live part.
+
+    The target part of a migration in progress (``migration`` in the composition,
+    firmware.pool.migrate) counts as a part of its device.
     """
     bad: list[str] = []
     for d in devices:
         mine = [
             (c, Part.from_dict(p))
             for c in compositions
-            for p in c["parts"]
+            for p in c["parts"] + ([c["migration"]["part"]] if c.get("migration") else [])
             if p["device"] == d.device and p["incarnation"] == d.incarnation
         ]
         cores = sum(p.cores for _, p in mine)
@@ -449,7 +477,7 @@ def check_pool(
         for cid in set(by_cid) - set(live):
             bad.append(f"{d.device}: slices {[s['id'] for s in by_cid[cid]]} of {cid} have no part")
         for cid, (c, p) in live.items():
-            view = next(v for v in c["parts"] if v["device"] == d.device)
+            view: dict[str, Any] = next((v for v in c["parts"] if v["device"] == d.device), {})
             if view.get("state") != "active":
                 continue
             got = by_cid.get(cid, [])

@@ -26,12 +26,14 @@ import logging
 import threading
 import time
 import uuid
+from dataclasses import replace
 from typing import Any
 
 from firmware.errors import SlicefabError
 from firmware.inventory import Device
 from firmware.manager import ResourceManager
 from firmware.pool.etcd import Compacted, Etcd, PoolUnavailable, absent, put
+from firmware.pool.memory import MemoryDirectory
 from firmware.pool.model import (
     MEMORY_UNIT,
     RESERVATIONS,
@@ -63,6 +65,7 @@ class PoolMember:
         zone: str = "zone0",
         ttl: int = DEFAULT_TTL_S,
         admin_socket: str = "",
+        memory: MemoryDirectory | None = None,
     ) -> None:
         self.manager = manager
         self.endpoints = endpoints
@@ -72,6 +75,8 @@ class PoolMember:
             raise SlicefabError(f"pool TTL {ttl} s is out of range", limit="1..3600 s")
         self.ttl = ttl
         self.admin_socket = admin_socket
+        #: the page model of this device's parts' memory (live migration), when given
+        self.memory = memory
         self.incarnation = ""
         self.lease = 0
         self._stop = threading.Event()
@@ -132,6 +137,8 @@ class PoolMember:
                 self._free_local(cid)
             self.programmed.clear()
             record = self._record()
+            if old is not None and old.json().get("draining"):
+                record = replace(record, draining=True)  # a restart does not end a drain
             lease = etcd.grant(self.ttl)
             ok, rev = etcd.txn(
                 [absent(device_key(self.device_id))],
@@ -248,12 +255,15 @@ class PoolMember:
         if part.incarnation != self.incarnation or cid in self.programmed:
             return  # reserved with an earlier incarnation (lost), or already done
         specs = part.slice_specs(owner, cid, self.manager_device_nvme())
+        # the reservation's nonce makes the request ids unique per reservation: a part
+        # that comes back (a composition id re-used, a migration back) is a new request
+        once = f":{reservation['nonce']}" if reservation.get("nonce") else ""
         ids: list[int] = []
         status: dict[str, Any]
         try:
             for i, spec in enumerate(specs):
                 s = self.manager.allocate(
-                    SliceSpec.from_dict(spec), request_id=f"pool:{cid}:{self.incarnation}:{i}"
+                    SliceSpec.from_dict(spec), request_id=f"pool:{cid}:{self.incarnation}:{i}{once}"
                 )
                 ids.append(int(s["id"]))
         except SlicefabError as e:
@@ -264,6 +274,8 @@ class PoolMember:
             log.warning("composition %s: part on %s failed: %s", cid, self.device_id, e)
         else:
             self.programmed[cid] = ids
+            if self.memory is not None and part.memory:
+                self.memory.add(self.device_id, cid, part.memory)
             status = {"state": "active", "slices": ids}
         status["incarnation"] = self.incarnation
         Etcd.put(self._etcd, part_key(cid, self.device_id), status, self.lease)
@@ -274,6 +286,8 @@ class PoolMember:
         self._etcd.delete(part_key(cid, self.device_id))
 
     def _free_local(self, cid: str) -> None:
+        if self.memory is not None:
+            self.memory.drop(self.device_id, cid)
         for sid in self._local_parts().get(cid, []):
             try:
                 self.manager.free(sid)

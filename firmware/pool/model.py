@@ -272,6 +272,8 @@ class DeviceRecord:
     owners: dict[str, int] = field(default_factory=dict)  # VM → parts it has here
     name: str = ""
     admin_socket: str = ""
+    #: ``slicefab pool drain``: no new reservation lands here; its parts are moving off
+    draining: bool = False
     # etcd's bookkeeping for the key (not part of the value)
     mod_revision: int = 0
     lease: int = 0
@@ -286,6 +288,7 @@ class DeviceRecord:
             "owners": dict(sorted(self.owners.items())),
             "name": self.name,
             "admin_socket": self.admin_socket,
+            "draining": self.draining,
         }
 
     @classmethod
@@ -299,6 +302,7 @@ class DeviceRecord:
             {k: int(v) for k, v in d["owners"].items()},
             d.get("name", ""),
             d.get("admin_socket", ""),
+            bool(d.get("draining", False)),
             mod_revision,
             lease,
         )
