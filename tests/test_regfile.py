@@ -69,7 +69,7 @@ def test_a_crash_inside_a_commit_leaves_the_previous_generation(tmp_path: Path) 
     before = xb.regfile.committed_image()
     new = xb.image()
     regs = RegisterFile(path, 2, 2, 8)
-    for addr, value in new.items():  # the first half of store_commit(2, new) ...
+    for addr, value in new.items():  # the first half of store_commit(2) ...
         where = regs.decode(addr)
         assert where is not None
         regs._w[regs._bank_index(0, *where)] = value

@@ -537,12 +537,15 @@ class CrossbarModel:
 
     def _commit(self) -> None:
         """CTRL.commit: stage every port's shadow, adopt it at once where no packet is in flight."""
-        self._committed = (self._committed + 1) % _GEN_MODULUS
+        self._committed = gen = (self._committed + 1) % _GEN_MODULUS
         for port in self._inputs:
-            port.staged = dict(port.shadow)
-            port.staged_gen = self._committed
-            if port.transfer is None:
-                port.adopt()
+            if port.transfer is None:  # adopt at once (what staging then adopt() would do)
+                port.active = _decode_shadow(tuple([port.shadow[o] for o in _SHADOW]))
+                port.active_gen = gen
+                port.staged = None
+            else:
+                port.staged = dict(port.shadow)
+                port.staged_gen = gen
 
     def restore(
         self, shadow: Mapping[int, int], committed: Mapping[int, int], generation: int

@@ -37,7 +37,6 @@ from __future__ import annotations
 import mmap
 import os
 import struct
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Final
 
@@ -165,14 +164,13 @@ class RegisterFile:
         assert where is not None, f"{addr:#x} is not a shadow register"
         self._w[self._shadow_index(*where)] = value
 
-    def store_commit(self, generation: int, image: Mapping[int, int]) -> None:
-        """Commit ``image`` (every shadow register) as ``generation``: the other bank is
-        filled first, then the generation word is stored."""
-        bank = generation & 1
-        for addr, value in image.items():
-            where = self.decode(addr)
-            assert where is not None
-            self._w[self._bank_index(bank, *where)] = value
+    def store_commit(self, generation: int) -> None:
+        """Commit the shadow registers as ``generation``: the shadow area is copied into
+        the bank ``generation`` uses (the same layout, so one slice copy), then the
+        generation word is stored."""
+        n = self.n_ports * _N_SHADOW
+        bank = _HEADER_WORDS + (1 + (generation & 1)) * n
+        self._w[bank : bank + n] = self._w[_HEADER_WORDS : _HEADER_WORDS + n]
         self._w[_GEN_WORD] = generation
 
     def close(self) -> None:
@@ -198,7 +196,7 @@ class PersistentCrossbar(CrossbarModel):
             self.regfile.store_shadow(addr, self.read(addr))  # the value as masked
         elif addr == rm.CTRL_OFFSET and value & rm.CTRL_COMMIT_MASK:
             gen = (self.read(rm.GEN_OFFSET) & rm.GEN_COMMITTED_MASK) >> rm.GEN_COMMITTED_LSB
-            self.regfile.store_commit(gen, self.image())
+            self.regfile.store_commit(gen)  # the file's shadow is the model's, word for word
 
     def close(self) -> None:
         self.regfile.close()
