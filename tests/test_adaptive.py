@@ -505,13 +505,23 @@ def test_the_service_ticks_on_its_clock_and_stops(rm: ResourceManager) -> None:
 
 
 def test_bench_adaptive_quick_meets_its_target() -> None:
-    figures = bench_adaptive(quick=True)
+    # without its migration part (it starts etcd: tests/test_pool_migrate.py runs it)
+    figures = bench_adaptive(quick=True, migration=False)
     assert figures["target_met"] is True
     for mode in ("static", "reactive", "predictive"):
         assert figures[f"{mode}_invariant_violations"] == 0
     assert figures["static_resizes"] == 0
     assert figures["static_slo_violations"] > figures["reactive_slo_violations"]
     assert figures["predictive_slo_violations"] < figures["reactive_slo_violations"]
+    # the bandwidth trace: the controller moves rates, predictive cuts violations
+    for mode in ("reactive", "predictive"):
+        assert figures[f"bandwidth_{mode}_invariant_violations"] == 0
+        assert figures[f"bandwidth_{mode}_resizes"] > 0
+    assert (
+        figures["bandwidth_predictive_slo_violations"]
+        < figures["bandwidth_reactive_slo_violations"]
+    )
+    assert not any(k.startswith("migration") for k in figures)
 
 
 # ---------------------------------------------------------------------- slicefab top

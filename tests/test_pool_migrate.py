@@ -232,6 +232,8 @@ def test_target_choice_respects_latency_draining_and_fit() -> None:
         choose_target(_comp([a, b]), a, devs)
     with pytest.raises(NoPlacement, match="dev7 is not a live device"):
         choose_target(_comp([a, b]), a, devs, target="dev7")
+    with pytest.raises(NoPlacement, match="dev0 is where the part is now"):
+        choose_target(_comp([a, b]), a, devs, target="dev0")
 
 
 # ---------------------------------------------------------------------- on etcd
@@ -578,6 +580,22 @@ def test_bench_migration_quick_reports_its_figures() -> None:
 
 @etcd
 @needs_etcd
+def test_bench_adaptive_reports_the_migration_figures() -> None:
+    """``slicefab bench adaptive`` carries the issue's migration figures (time to move a
+    slice, the longest stall its VM saw) from the same code as ``bench migration``."""
+    from firmware.adaptive.bench import _adaptive_migration
+
+    r = _adaptive_migration(quick=True)
+    assert r["migration: 1 GiB: VM writes during the moves, failed"].endswith(", 0")
+    assert r["migration: 1 GiB: live move, total (ms)"] > 0
+    live = r["migration: 1 GiB: longest VM stall, live (ms)"]
+    stop = r["migration: 1 GiB: longest VM stall, stop-and-copy (ms)"]
+    assert live > 0 and stop > 0
+    assert r["migration: 1 GiB: stall live / stop-and-copy"] == round(live / stop, 4)
+
+
+@etcd
+@needs_etcd
 def test_release_during_a_move_and_a_dead_migrator(
     cluster: Any, pool_devices: Callable[..., Devs]
 ) -> None:
@@ -626,3 +644,152 @@ def test_release_during_a_move_and_a_dead_migrator(
     assert rec[moved.device].free == rec[moved.device].total
     assert mig.migrate(c["id"], a).target == moved.device  # and it moves after all
     assert _quiet(pool, devs) == []
+
+
+class HookLink(CopyLink):
+    """A link that runs ``hook()`` once, before its first batch: something happens to
+    the pool while the pages are being copied."""
+
+    def __init__(self, hook: Callable[[], None], bandwidth: float = 0.0) -> None:
+        super().__init__(bandwidth)
+        self.hook: Callable[[], None] | None = hook
+
+    def transfer(self, pages: Sequence[int]) -> None:
+        hook, self.hook = self.hook, None
+        if hook is not None:
+            hook()
+
+
+@etcd
+@needs_etcd
+def test_target_that_leaves_during_the_copy_is_not_switched_to(
+    cluster: Any, pool_devices: Callable[..., Devs]
+) -> None:
+    """B leaves the pool (its lease is revoked) after it programmed the part, while the
+    pages are copied: the switch must not put the part on a device that is gone (the
+    part would be lost and the VM's writes with it); the part stays on A."""
+    from firmware.pool.composer import Pool
+    from firmware.pool.migrate import Migrator
+
+    mem = MemoryDirectory(page_size=MiB)
+    devs = pool_devices(2, mem)
+    pool = Pool(cluster.endpoints)
+    c = pool.compose({"owner": "vm-a", "cores": 2, "memory": "1 GiB", "max_devices": 1})
+    (a,) = [p["device"] for p in c["parts"]]
+    (b,) = set(devs) - {a}
+    vm = mem.open_map(c["id"], a)
+    mig = Migrator(
+        cluster.endpoints, memory=mem, link=HookLink(lambda: devs[b][1].stop(), 8 * GiB)
+    )
+    with SequenceWriter(vm, rate=2000, seed=8) as w:
+        with pytest.raises(MigrationFailed, match=f"{b} left the pool") as e:
+            mig.migrate(c["id"], a)
+        assert e.value.details["step"] == "switch"
+        time.sleep(0.05)
+    assert w.errors == [] and vm.device == a and w.check(vm.store) == []
+    view = pool.get(c["id"])
+    assert view["migration"] is None and view["state"] == "active"
+    assert [p["device"] for p in view["parts"]] == [a]
+    assert [d.device for d in pool.devices()] == [a]
+    assert pool.check() == []
+
+
+@etcd
+@needs_etcd
+def test_switch_whose_answer_is_lost_is_resolved_before_the_vm_resumes(
+    cluster: Any, pool_devices: Callable[..., Devs]
+) -> None:
+    """The switch transaction commits but its answer is lost, and etcd does not answer
+    the next reads either (a member dying): the VM's requests must wait until the
+    outcome is known, then go to B. Resuming them on A (whose part the pool has already
+    given up) would lose every write made after the switch."""
+    from firmware.pool.composer import Pool
+    from firmware.pool.etcd import PoolUnavailable
+    from firmware.pool.migrate import Migrator
+    from firmware.pool.model import reservation_key
+
+    mem = MemoryDirectory(page_size=MiB)
+    devs = pool_devices(2, mem)
+    pool = Pool(cluster.endpoints)
+    c = pool.compose({"owner": "vm-a", "cores": 2, "memory": "1 GiB", "max_devices": 1})
+    cid = c["id"]
+    (a,) = [p["device"] for p in c["parts"]]
+    (b,) = set(devs) - {a}
+    vm = mem.open_map(cid, a)
+    mig = Migrator(cluster.endpoints, memory=mem, link=CopyLink(8 * GiB))
+    real_txn, real_get = mig.etcd.txn, mig.etcd.get
+    gets_to_fail = [0]
+    switch_delete = {"request_delete_range": {"key": _b64(reservation_key(a, cid))}}
+
+    def txn(compare: Any, success: Any, failure: Any = None) -> tuple[bool, int]:
+        answer = real_txn(compare, success, failure)
+        if switch_delete in success and answer[0]:
+            gets_to_fail[0] = 2
+            raise PoolUnavailable("the answer to the switch was lost")
+        return answer
+
+    def get(key: str) -> Any:
+        if gets_to_fail[0]:
+            gets_to_fail[0] -= 1
+            raise PoolUnavailable("no etcd member answered")
+        return real_get(key)
+
+    mig.etcd.txn = txn  # type: ignore[method-assign]
+    mig.etcd.get = get  # type: ignore[method-assign]
+    with SequenceWriter(vm, rate=2000, seed=9) as w:
+        time.sleep(0.05)
+        move = mig.migrate(cid, a)
+        before = w.writes
+        while w.writes < before + 100 and not w.errors:
+            time.sleep(0.01)
+    assert gets_to_fail == [0]
+    assert w.errors == [] and move.target == b
+    assert [p["device"] for p in pool.get(cid)["parts"]] == [b]
+    assert vm.device == b and vm.store is mem.store(b, cid)
+    assert w.check(vm.store) == []  # nothing written to A after the switch
+    assert _quiet(pool, devs) == []
+
+
+def _b64(text: str) -> str:
+    import base64
+
+    return base64.b64encode(text.encode()).decode()
+
+
+@etcd
+@needs_etcd
+def test_bad_input_names_the_field_and_what_was_expected(
+    cluster: Any, pool_devices: Callable[..., Devs]
+) -> None:
+    from firmware.errors import NotFound
+    from firmware.pool.composer import Pool
+    from firmware.pool.etcd import PoolUnavailable
+    from firmware.pool.migrate import Migrator
+
+    devs = pool_devices(2, MemoryDirectory())
+    pool = Pool(cluster.endpoints)
+    c = pool.compose({"owner": "vm-a", "cores": 2, "memory": "1 GiB", "max_devices": 1})
+    (a,) = [p["device"] for p in c["parts"]]
+    (b,) = set(devs) - {a}
+    mig = Migrator(cluster.endpoints)
+    with pytest.raises(NotFound, match=f"no part on {b} \\(its parts are on {a}\\)") as e:
+        mig.migrate(c["id"], b)
+    assert e.value.details["field"] == "source" and e.value.details["expected"] == [a]
+    with pytest.raises(NotFound, match="no composition nope"):
+        mig.migrate("nope", a)
+    with pytest.raises(NotFound, match="no live device dev9 in the pool \\(live: dev0, dev1\\)"):
+        mig.drain("dev9")
+    with pytest.raises(NotFound, match="no migration in progress"):
+        mig.abort(c["id"])
+
+    # the migrator loses etcd while B programs the part: it rolls the move back itself
+    # rather than leaving it prepared (refusing every later move until --abort)
+    def etcd_gone(cid: str, moved: Part) -> None:
+        raise PoolUnavailable("no etcd member answered")
+
+    mig._wait_programmed = etcd_gone  # type: ignore[method-assign]
+    with pytest.raises(PoolUnavailable):
+        mig.migrate(c["id"], a)
+    assert pool.get(c["id"])["migration"] is None
+    assert _quiet(pool, devs) == []
+    assert {d.device: d.free == d.total for d in pool.devices()} == {a: False, b: True}

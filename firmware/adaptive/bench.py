@@ -32,6 +32,7 @@ from typing import Any
 
 from firmware.adaptive.forecast import DAY_S, SeasonalQuantile
 from firmware.adaptive.traces import SimResult, SimVm, diurnal, gib, noisy, simulate
+from firmware.adaptive.usage import Resource
 from firmware.errors import ConfigError
 from firmware.ledger import Durability
 from firmware.manager import StateDir, open_manager
@@ -125,8 +126,11 @@ def peak_scale_from_env() -> float:
     return value
 
 
-def bench_adaptive(quick: bool) -> dict[str, Any]:
-    """The figures, per mode, and the check against reactive (docs/adaptive.md)."""
+def bench_adaptive(quick: bool, *, migration: bool = True) -> dict[str, Any]:
+    """The figures, per mode, and the check against reactive (docs/adaptive.md); then
+    the bandwidth trace (reactive vs reactive + predictive) and, with ``migration``, the
+    migration figures (:func:`migration_figures`: starts a loopback etcd, ~3 s with
+    ``quick``; "skipped" when etcd-server is not installed)."""
     scale = peak_scale_from_env()
     out: dict[str, Any] = {"seed": SEED, "tick_s": STEP_S, "peak_scale": scale}
     results: dict[str, SimResult] = {}
@@ -162,6 +166,72 @@ def bench_adaptive(quick: bool) -> dict[str, Any]:
         and predictive.over_provisioning
         <= reactive.over_provisioning * (1 + OVER_PROVISIONING_SLACK)
     )
+    out.update(bench_bandwidth(quick))
+    if migration:
+        out.update(_adaptive_migration(quick))
+    return out
+
+
+# ---------------------------------------------------------------------- bandwidth
+
+#: (night Gbit/s, peak Gbit/s, start of the working day in hours UTC, QoS priority): one
+#: crossbar port each (100 Gbit/s), so the port never limits; what is measured is how
+#: the controller follows the demand
+BANDWIDTH_VMS = (
+    (3.0, 35.0, 8.0, 4),
+    (5.0, 45.0, 13.0, 2),
+    (2.0, 25.0, 18.0, 5),
+    (4.0, 40.0, 3.0, 3),
+)
+BANDWIDTH_POLICY: dict[str, Any] = {
+    "resource": "bandwidth",
+    "minimum": "2 Gbit/s",
+    "maximum": "60 Gbit/s",
+    "step": "5 Gbit/s",
+    "cooldown": 600,
+}
+
+
+def bench_bandwidth(quick: bool) -> dict[str, Any]:
+    """Reactive vs reactive + predictive on a seeded diurnal *bandwidth* trace
+    (:data:`BANDWIDTH_VMS`, Mbit/s on each slice's crossbar port; use is pinned at the
+    slice's rate limit, as the token bucket does): SLO violations, shortfall and
+    over-provisioning in Gbit/s·h, resizes. Same days and training as the memory trace."""
+    out: dict[str, Any] = {}
+    days, train = (4, 2) if quick else (6, 3)
+    for mode in ("reactive", "predictive"):
+        rng = random.Random(SEED + 1)
+        vms = []
+        for i, (night, peak, rise, priority) in enumerate(BANDWIDTH_VMS):
+            demand = diurnal(
+                days, STEP_S, base=night * 1000, peak=peak * 1000, rise_h=rise,
+                fall_h=min(rise + 9.0, 23.5), jitter=0.1, rng=rng,
+            )  # fmt: skip
+            policy = {**BANDWIDTH_POLICY, "predictive": mode == "predictive"}
+            initial = int((night + peak) / 2) * 1000
+            vms.append(
+                SimVm(f"vm-bw{i}", noisy(demand, 0.05, rng), initial, priority, policy,
+                      resource=Resource.BANDWIDTH)
+            )  # fmt: skip
+        with tempfile.TemporaryDirectory(prefix="slicefab-bench-adaptive-bw-") as d:
+            manager = open_manager(StateDir(d), durability=Durability.CRASH)
+            try:
+                r = simulate(
+                    manager, vms, step_s=STEP_S, measure_from=train * DAY_S // STEP_S,
+                    forecaster=SeasonalQuantile(), check_every=DAY_S // STEP_S,
+                )  # fmt: skip
+            finally:
+                manager.close()
+        out[f"bandwidth_{mode}_slo_violations"] = r.violations
+        out[f"bandwidth_{mode}_shortfall_gbit_h"] = round(r.shortfall_gib_h, 2)
+        out[f"bandwidth_{mode}_over_provisioning"] = round(r.over_provisioning, 4)
+        out[f"bandwidth_{mode}_resizes"] = r.resizes
+        out[f"bandwidth_{mode}_invariant_violations"] = len(r.invariant_violations)
+    for figure in ("slo_violations", "over_provisioning"):
+        reactive = out[f"bandwidth_reactive_{figure}"]
+        out[f"bandwidth_predictive_vs_reactive_{figure}"] = round(
+            out[f"bandwidth_predictive_{figure}"] / reactive if reactive else 0.0, 3
+        )
     return out
 
 
@@ -216,16 +286,15 @@ def _one_move(endpoints: list[str], mem: Any, size_gib: int, mode: str, k: int) 
         pool.release(cid)
 
 
-def bench_migration(quick: bool) -> dict[str, Any]:
-    """``slicefab bench migration``: move a slice between two devices of a pool (1 etcd
-    member on loopback, 2 in-process devices) while its VM writes, live (pre-copy) and by
-    stop-and-copy (the baseline, same run), for a few memory sizes (docs/pool.md, "Live
-    migration"). ``--quick``: 1 and 4 GiB, else 2, 8 and 32 GiB."""
+def migration_figures(sizes: tuple[int, ...]) -> dict[str, Any]:
+    """Move a slice of each of ``sizes`` GiB between two devices of a pool (1 etcd
+    member on loopback, 2 in-process devices) while its VM writes, live (pre-copy) and
+    by stop-and-copy (the baseline, same run). Raises SlicefabError when etcd-server is
+    not installed."""
     from firmware.pool.cluster import LocalEtcd
     from firmware.pool.member import PoolMember
     from firmware.pool.memory import MemoryDirectory
 
-    sizes = (1, 4) if quick else (2, 8, 32)
     out: dict[str, Any] = {
         "link (GiB/s)": MIGRATION_LINK / (1 << 30),
         "VM writes/s (90% in 10% of pages)": MIGRATION_WRITE_RATE,
@@ -276,3 +345,23 @@ def bench_migration(quick: bool) -> dict[str, Any]:
                     m.close()
                     state.unlock()
     return out
+
+
+def bench_migration(quick: bool) -> dict[str, Any]:
+    """``slicefab bench migration`` (docs/pool.md, "Live migration"): ``--quick``: 1 and
+    4 GiB, else 2, 8 and 32 GiB."""
+    return migration_figures((1, 4) if quick else (2, 8, 32))
+
+
+def _adaptive_migration(quick: bool) -> dict[str, Any]:
+    """The migration part of ``bench adaptive``: one slice (1 GiB with ``quick``, else
+    8 GiB) moved live and by stop-and-copy, its figures under ``migration: ``."""
+    from firmware.errors import SlicefabError
+    from firmware.pool.cluster import etcd_binary
+
+    try:
+        etcd_binary()
+    except SlicefabError as e:
+        return {"migration": f"skipped: {e}"}
+    size = 1 if quick else 8
+    return {f"migration: {k}": v for k, v in migration_figures((size,)).items()}

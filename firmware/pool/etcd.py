@@ -185,6 +185,17 @@ def mod_revision_is(key: str, revision: int) -> dict[str, Any]:
     return {"key": _b64(key), "result": "EQUAL", "target": "MOD", "mod_revision": str(revision)}
 
 
+def created_at(key: str, revision: int) -> dict[str, Any]:
+    """Compare: the key was created at ``revision`` (and not deleted and created again
+    since: a device that left and came back has a new key; 0: it does not exist)."""
+    return {
+        "key": _b64(key),
+        "result": "EQUAL",
+        "target": "CREATE",
+        "create_revision": str(revision),
+    }
+
+
 def absent(key: str) -> dict[str, Any]:
     """Compare: the key does not exist."""
     return {"key": _b64(key), "result": "EQUAL", "target": "CREATE", "create_revision": "0"}

@@ -14,9 +14,12 @@ A move of composition C's part from device A to device B, driven from the pool's
 3. **copy** (firmware.pool.memory) — pre-copy rounds from A's page store to B's while the
    VM keeps writing to A, re-copying dirty pages, until few are left.
 4. **switch** — the VM's requests are held (they wait, they do not fail); the last dirty
-   pages are copied; then one etcd transaction, comparing C's and A's ``mod_revision``,
-   replaces A's part by B's in C, gives A's capacity back and deletes
+   pages are copied; then one etcd transaction, comparing C's and A's ``mod_revision``
+   and B's ``create_revision`` (B has not left or restarted since it programmed the
+   part), replaces A's part by B's in C, gives A's capacity back and deletes
    ``reservations/A/C``; the VM's map is re-routed to B and its requests resume there.
+   If the transaction's answer is lost, the outcome is settled (read back, or made
+   final by the abort) before the requests resume (:meth:`Migrator._resolve`).
 5. **release A** — A's member sees its reservation deleted and frees its slices (its
    crossbar ports leave the image first, then the units are released); the migrator waits
    until ``parts/C/A`` is gone.
@@ -42,6 +45,7 @@ above a threshold, at most ``max_moves`` times, and never moves a part twice in 
 
 from __future__ import annotations
 
+import contextlib
 import random
 import secrets
 import time
@@ -50,7 +54,7 @@ from typing import Any
 
 from firmware.errors import AllocationError, NotFound, RequestError, SlicefabError
 from firmware.pool.composer import MAX_ATTEMPTS, PROGRAM_TIMEOUT_S, Pool
-from firmware.pool.etcd import KV, PoolUnavailable, delete, mod_revision_is, put
+from firmware.pool.etcd import KV, PoolUnavailable, created_at, delete, mod_revision_is, put
 from firmware.pool.memory import (
     CopyFailed,
     CopyLink,
@@ -77,6 +81,9 @@ from firmware.pool.placement import DEFAULT_WEIGHTS, NoPlacement, Weights, cost
 REBALANCE_THRESHOLD = 0.25
 REBALANCE_MAX_MOVES = 4
 MODES = ("live", "stop-and-copy")
+#: how long the switch waits (VM paused) for etcd to say whether a switch transaction
+#: whose answer was lost committed (firmware.pool.migrate.Migrator._resolve)
+RESOLVE_TIMEOUT_S = 60.0
 
 
 class MigrationFailed(AllocationError):
@@ -185,6 +192,9 @@ def choose_target(
     for d in devs:
         if target is not None and d.device != target:
             continue
+        if d.device == part.device:
+            why[d.device] = "is where the part is now"
+            continue
         if d.device in held:
             why[d.device] = "already holds a part of the composition"
             continue
@@ -260,6 +270,12 @@ class Migrator:
         except MigrationFailed:
             self._abort(cid, nonce, moved)
             raise
+        except BaseException:
+            # etcd gone, or interrupted: roll back if etcd lets us; if not, the move
+            # stays prepared and `slicefab pool migrate ID --abort` rolls it back
+            with contextlib.suppress(SlicefabError):
+                self._abort(cid, nonce, moved)
+            raise
         t2 = time.perf_counter()
         stats = self._copy_and_switch(cid, comp["owner"], part, moved, nonce)
         t3 = time.perf_counter()
@@ -298,7 +314,14 @@ class Migrator:
                 )
             raw = next((p for p in comp["parts"] if p["device"] == source), None)
             if raw is None:
-                raise NotFound(f"composition {cid} has no part on {source}", composition=cid)
+                held = sorted(p["device"] for p in comp["parts"])
+                raise NotFound(
+                    f"composition {cid} has no part on {source} (its parts are on "
+                    f"{', '.join(held) or 'no device'})",
+                    composition=cid,
+                    field="source",
+                    expected=held,
+                )
             part = Part.from_dict(raw)
             devs = self.pool.devices()
             src = next((d for d in devs if d.device == source), None)
@@ -473,6 +496,10 @@ class Migrator:
             compare = [
                 mod_revision_is(composition_key(cid), kv.mod_revision),
                 mod_revision_is(device_key(part.device), src.mod_revision if src else 0),
+                # B's record as read (maybe before the copy): still the same key, not
+                # gone or re-created by a restart meanwhile (its reservations from this
+                # move would then be lost). Its free capacity may change: not compared.
+                created_at(device_key(moved.device), dst.create_revision),
             ]
             ops = [put(composition_key(cid), new), delete(reservation_key(part.device, cid))]
             if src is not None:
@@ -483,10 +510,15 @@ class Migrator:
                     )
             try:
                 ok, _ = self.etcd.txn(compare, ops)
-            except PoolUnavailable:
-                if self._switched(cid, moved):
+            except PoolUnavailable as e:
+                if self._resolve(cid, nonce, moved):
                     return  # committed before the member went away
-                raise
+                raise MigrationFailed(
+                    f"migration of {cid}: etcd did not answer the switch ({e}); it was "
+                    "rolled back",
+                    step="switch",
+                    composition=cid,
+                ) from e
             if ok:
                 return
             self.pool.conflicts += 1
@@ -497,14 +529,35 @@ class Migrator:
             composition=cid,
         )
 
-    def _abort(self, cid: str, nonce: str, moved: Part) -> None:
-        """Undo a prepared move: B's reservation and capacity back, no ``migration``."""
+    def _resolve(self, cid: str, nonce: str, moved: Part) -> bool:
+        """The switch transaction's answer was lost: it may have committed, or may still
+        (a proposal in etcd's log). Decide it while the VM's requests still wait: True if
+        it committed; False once the abort transaction, a write to the composition that
+        the switch compares, made sure it never will. Asks until etcd answers, up to
+        :data:`RESOLVE_TIMEOUT_S` (a VM that waits loses nothing; resuming it on A while
+        the pool says B would lose its writes). Raises PoolUnavailable after that."""
+        deadline = time.monotonic() + RESOLVE_TIMEOUT_S
+        while True:
+            try:
+                if self._switched(cid, moved):
+                    return True
+                if self._abort(cid, nonce, moved):
+                    return False
+            except PoolUnavailable:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+
+    def _abort(self, cid: str, nonce: str, moved: Part) -> bool:
+        """Undo a prepared move: B's reservation and capacity back, no ``migration``.
+        False when there was nothing to undo: the composition was released meanwhile
+        (the release gave B's capacity back) or the move was switched."""
         for attempt in range(MAX_ATTEMPTS):
             kv = self.etcd.get(composition_key(cid))
             comp = kv.json() if kv is not None else None
             mine = comp is not None and (comp.get("migration") or {}).get("nonce") == nonce
             if not mine:
-                return  # released meanwhile (the release gave B's capacity back) or done
+                return False
             assert kv is not None and comp is not None
             compare = [mod_revision_is(composition_key(cid), kv.mod_revision)]
             ops = [
@@ -529,7 +582,12 @@ class Migrator:
             if ok:
                 break
             _backoff(attempt)
+        else:
+            raise MigrationFailed(
+                f"abort of {cid}'s move: {MAX_ATTEMPTS} transactions lost", step="abort"
+            )
         self._wait_released(cid, moved.device)
+        return True
 
     def abort(self, cid: str) -> dict[str, Any]:
         """Roll back a migration whose migrator died (the ``migration`` field is still
@@ -538,7 +596,12 @@ class Migrator:
         m = (kv.json().get("migration") if kv is not None else None) or None
         if m is None:
             raise NotFound(f"composition {cid} has no migration in progress", composition=cid)
-        self._abort(cid, m["nonce"], Part.from_dict(m["part"]))
+        if not self._abort(cid, m["nonce"], Part.from_dict(m["part"])):
+            raise NotFound(
+                f"composition {cid}'s move from {m['from']} to {m['to']} finished or the "
+                "composition was released while it was being aborted: nothing to roll back",
+                composition=cid,
+            )
         return {"composition": cid, "aborted": True, "from": m["from"], "to": m["to"]}
 
     def _wait_released(self, cid: str, device: str) -> None:
@@ -560,7 +623,13 @@ class Migrator:
         for attempt in range(MAX_ATTEMPTS):
             kv = self.etcd.get(device_key(device))
             if kv is None:
-                raise NotFound(f"no live device {device} in the pool", device=device)
+                live = sorted(d.device for d in self.pool.devices())
+                raise NotFound(
+                    f"no live device {device} in the pool (live: {', '.join(live) or 'none'})",
+                    device=device,
+                    field="device",
+                    expected=live,
+                )
             rec = DeviceRecord.from_dict(kv.json(), kv.mod_revision, kv.lease)
             new = replace(rec, draining=draining)
             ok, _ = self.etcd.txn(
