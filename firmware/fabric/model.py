@@ -255,8 +255,13 @@ class _InputPort:
     def adopt(self) -> None:
         """Take the staged configuration into service (only at a packet boundary)."""
         assert self.staged is not None and self.transfer is None
-        self.active = _decode_shadow(tuple(self.staged[o] for o in _SHADOW))
-        self.active_gen = self.staged_gen
+        self.run(self.staged, self.staged_gen)
+
+    def run(self, regs: Mapping[int, int], generation: int) -> None:
+        """Forward with shadow values ``regs`` as ``generation`` from now on (at a packet
+        boundary); nothing stays staged."""
+        self.active = _decode_shadow(tuple([regs[o] for o in _SHADOW]))
+        self.active_gen = generation
         self.staged = None
         # The bucket keeps its tokens; the next refill caps them at the new burst.
 
@@ -539,10 +544,8 @@ class CrossbarModel:
         """CTRL.commit: stage every port's shadow, adopt it at once where no packet is in flight."""
         self._committed = gen = (self._committed + 1) % _GEN_MODULUS
         for port in self._inputs:
-            if port.transfer is None:  # adopt at once (what staging then adopt() would do)
-                port.active = _decode_shadow(tuple([port.shadow[o] for o in _SHADOW]))
-                port.active_gen = gen
-                port.staged = None
+            if port.transfer is None:  # adopt at once, with no staged copy in between
+                port.run(port.shadow, gen)
             else:
                 port.staged = dict(port.shadow)
                 port.staged_gen = gen

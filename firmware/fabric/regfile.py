@@ -119,10 +119,12 @@ class RegisterFile:
     def _shadow_index(self, port: int, offset: int) -> int:
         return _HEADER_WORDS + port * _N_SHADOW + _SLOT[offset]
 
+    def _bank_start(self, bank: int) -> int:
+        """Where bank 0 or 1 begins; a bank has the shadow area's layout."""
+        return _HEADER_WORDS + (1 + bank) * self.n_ports * _N_SHADOW
+
     def _bank_index(self, bank: int, port: int, offset: int) -> int:
-        return _HEADER_WORDS + (1 + bank) * self.n_ports * _N_SHADOW + port * _N_SHADOW + (
-            _SLOT[offset]
-        )
+        return self._bank_start(bank) + port * _N_SHADOW + _SLOT[offset]
 
     @staticmethod
     def decode(addr: int) -> tuple[int, int] | None:
@@ -169,7 +171,7 @@ class RegisterFile:
         the bank ``generation`` uses (the same layout, so one slice copy), then the
         generation word is stored."""
         n = self.n_ports * _N_SHADOW
-        bank = _HEADER_WORDS + (1 + (generation & 1)) * n
+        bank = self._bank_start(generation & 1)
         self._w[bank : bank + n] = self._w[_HEADER_WORDS : _HEADER_WORDS + n]
         self._w[_GEN_WORD] = generation
 
