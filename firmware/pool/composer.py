@@ -87,6 +87,20 @@ def _id(cid: str) -> str:
     return check_device_id(cid, "composition")
 
 
+def backoff(attempt: int) -> None:
+    """Sleep a random while, longer with each lost transaction (composer, migrator)."""
+    time.sleep(random.uniform(0, 0.002 * min(attempt + 1, 10)))
+
+
+def give_back(device: DeviceRecord | None, part: Part, owner: str) -> list[dict[str, Any]]:
+    """The etcd op that returns ``part``'s capacity to ``device``'s record, or none when
+    the device is gone or restarted since the part was reserved (a lost part has nothing
+    to give back)."""
+    if device is None or device.incarnation != part.incarnation:
+        return []
+    return [put(device_key(device.device), device.give_back(part, owner).to_dict(), device.lease)]
+
+
 class Pool:
     """A client of one pool (any of its etcd members). One per thread."""
 
@@ -265,7 +279,7 @@ class Pool:
             if self.etcd.get(composition_key(cid)) is not None:
                 raise RequestError("composition", f"composition id {cid} is already in use")
             self.conflicts += 1
-            time.sleep(random.uniform(0, 0.002 * min(attempt + 1, 10)))
+            backoff(attempt)
         raise PoolBusy(
             f"composition {cid}: {MAX_ATTEMPTS} transactions lost to concurrent composers",
             attempts=MAX_ATTEMPTS,
@@ -329,10 +343,9 @@ class Pool:
                 ops.append(delete(reservation_key(p.device, cid)))
                 d = devs.get(p.device)
                 compare.append(mod_revision_is(device_key(p.device), d.mod_revision if d else 0))
-                if d is not None and d.incarnation == p.incarnation:
-                    ops.append(
-                        put(device_key(d.device), d.give_back(p, comp["owner"]).to_dict(), d.lease)
-                    )
+                back = give_back(d, p, comp["owner"])
+                ops += back
+                if back:
                     given_back.append(p.device)
             ok, _ = self.etcd.txn(compare, ops)
             if ok:
@@ -340,7 +353,7 @@ class Pool:
             if self.etcd.get(composition_key(cid)) is None:
                 raise NotFound(f"no composition {cid} (released concurrently)", composition=cid)
             self.conflicts += 1
-            time.sleep(random.uniform(0, 0.002 * min(attempt + 1, 10)))
+            backoff(attempt)
         else:
             raise PoolBusy(
                 f"release of {cid}: {MAX_ATTEMPTS} transactions lost", attempts=MAX_ATTEMPTS

@@ -46,14 +46,13 @@ above a threshold, at most ``max_moves`` times, and never moves a part twice in 
 from __future__ import annotations
 
 import contextlib
-import random
 import secrets
 import time
 from dataclasses import dataclass, replace
 from typing import Any
 
 from firmware.errors import AllocationError, NotFound, RequestError, SlicefabError
-from firmware.pool.composer import MAX_ATTEMPTS, PROGRAM_TIMEOUT_S, Pool
+from firmware.pool.composer import MAX_ATTEMPTS, PROGRAM_TIMEOUT_S, Pool, backoff, give_back
 from firmware.pool.etcd import KV, PoolUnavailable, created_at, delete, mod_revision_is, put
 from firmware.pool.memory import (
     CopyFailed,
@@ -123,10 +122,6 @@ class Move:
             "release_ms": round(self.release_s * 1000, 2),
             "total_ms": round(self.total_s * 1000, 2),
         }
-
-
-def _backoff(attempt: int) -> None:
-    time.sleep(random.uniform(0, 0.002 * min(attempt + 1, 10)))
 
 
 # ---------------------------------------------------------------------- target choice
@@ -366,7 +361,7 @@ class Migrator:
             if ok:
                 return comp, part, moved, nonce
             self.pool.conflicts += 1
-            _backoff(attempt)
+            backoff(attempt)
         raise MigrationFailed(
             f"migration of {cid}: {MAX_ATTEMPTS} transactions lost to concurrent writers",
             step="prepare",
@@ -446,13 +441,12 @@ class Migrator:
 
     def _switched(self, cid: str, moved: Part) -> bool:
         kv = self.etcd.get(composition_key(cid))
-        return (
-            kv is not None
-            and any(
-                p["device"] == moved.device and p["incarnation"] == moved.incarnation
-                for p in kv.json()["parts"]
-            )
-            and not kv.json().get("migration")
+        if kv is None:
+            return False
+        comp = kv.json()
+        return not comp.get("migration") and any(
+            p["device"] == moved.device and p["incarnation"] == moved.incarnation
+            for p in comp["parts"]
         )
 
     def _switch_reads(self, cid: str, part: Part, moved: Part) -> tuple[KV | None, ...]:
@@ -503,11 +497,9 @@ class Migrator:
             ]
             ops = [put(composition_key(cid), new), delete(reservation_key(part.device, cid))]
             if src is not None:
-                rec = DeviceRecord.from_dict(src.json(), src.mod_revision, src.lease)
-                if rec.incarnation == part.incarnation:
-                    ops.append(
-                        put(device_key(rec.device), rec.give_back(part, owner).to_dict(), rec.lease)
-                    )
+                ops += give_back(
+                    DeviceRecord.from_dict(src.json(), src.mod_revision, src.lease), part, owner
+                )
             try:
                 ok, _ = self.etcd.txn(compare, ops)
             except PoolUnavailable as e:
@@ -522,7 +514,7 @@ class Migrator:
             if ok:
                 return
             self.pool.conflicts += 1
-            _backoff(attempt)
+            backoff(attempt)
         raise MigrationFailed(
             f"migration of {cid}: {MAX_ATTEMPTS} switch transactions lost",
             step="switch",
@@ -569,19 +561,15 @@ class Migrator:
                 mod_revision_is(device_key(moved.device), dst.mod_revision if dst else 0)
             )
             if dst is not None:
-                rec = DeviceRecord.from_dict(dst.json(), dst.mod_revision, dst.lease)
-                if rec.incarnation == moved.incarnation:
-                    ops.append(
-                        put(
-                            device_key(rec.device),
-                            rec.give_back(moved, comp["owner"]).to_dict(),
-                            rec.lease,
-                        )
-                    )
+                ops += give_back(
+                    DeviceRecord.from_dict(dst.json(), dst.mod_revision, dst.lease),
+                    moved,
+                    comp["owner"],
+                )
             ok, _ = self.etcd.txn(compare, ops)
             if ok:
                 break
-            _backoff(attempt)
+            backoff(attempt)
         else:
             raise MigrationFailed(
                 f"abort of {cid}'s move: {MAX_ATTEMPTS} transactions lost", step="abort"
@@ -638,7 +626,7 @@ class Migrator:
             )
             if ok:
                 return new
-            _backoff(attempt)
+            backoff(attempt)
         raise MigrationFailed(f"drain of {device}: {MAX_ATTEMPTS} transactions lost", step="drain")
 
     def _parts_on(self, device: str) -> list[str]:
