@@ -28,7 +28,7 @@ from firmware.manager import ResourceManager, StateDir, open_manager
 from firmware.pool.cluster import LocalEtcd, etcd_binary
 from firmware.pool.composer import Pool
 from firmware.pool.etcd import Etcd
-from firmware.pool.member import PoolMember, wait_until
+from firmware.pool.member import PoolMember, local_devices, wait_until
 from firmware.pool.model import PREFIX
 from firmware.units import GiB
 from hostlib import Device, load_credential
@@ -64,26 +64,12 @@ Devices = Callable[..., dict[str, tuple[ResourceManager, PoolMember]]]
 @pytest.fixture
 def devices(tmp_path: Path) -> Iterator[Devices]:
     """Start in-process devices (manager + pool member) on a cluster; all stopped after."""
-    started: list[tuple[ResourceManager, PoolMember | None, StateDir]] = []
+    with contextlib.ExitStack() as stack:
 
-    def start(endpoints: list[str], n: int, ttl: int = 3, zones: int = 1) -> dict[str, Any]:
-        out = {}
-        for i in range(n):
-            state = StateDir(tmp_path / f"dev{i}")
-            m = open_manager(state)
-            started.append((m, None, state))
-            member = PoolMember(m, endpoints, f"dev{i}", zone=f"zone{i % zones}", ttl=ttl)
-            member.start()
-            started[-1] = (m, member, state)
-            out[f"dev{i}"] = (m, member)
-        return out
+        def start(endpoints: list[str], n: int, ttl: int = 3, zones: int = 1) -> dict[str, Any]:
+            return stack.enter_context(local_devices(tmp_path, endpoints, n, ttl=ttl, zones=zones))
 
-    yield start
-    for m, member, state in started:
-        if member is not None:
-            member.stop()
-        m.close()
-        state.unlock()
+        yield start
 
 
 def local_slices(devs: dict[str, tuple[ResourceManager, PoolMember]]) -> dict[str, Any]:

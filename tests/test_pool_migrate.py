@@ -8,6 +8,7 @@ and keeps new reservations off it, rebalance moves a part off a hot device."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -17,7 +18,7 @@ from typing import Any
 import pytest
 
 from firmware.errors import RequestError, SlicefabError
-from firmware.manager import ResourceManager, StateDir, open_manager
+from firmware.manager import ResourceManager
 from firmware.pool.memory import (
     CopyFailed,
     CopyLink,
@@ -275,32 +276,18 @@ def pool_devices(cluster: Any, tmp_path: Path) -> Iterator[Callable[..., Devs]]:
     """Start in-process devices with a shared page-model directory (1 MiB pages) on a
     clean pool; all stopped after, also when the test fails."""
     from firmware.pool.etcd import Etcd
-    from firmware.pool.member import PoolMember
+    from firmware.pool.member import local_devices
     from firmware.pool.model import PREFIX
 
     Etcd(cluster.endpoints).delete(PREFIX, prefix=True)
-    started: list[tuple[ResourceManager, Any, StateDir]] = []
+    with contextlib.ExitStack() as stack:
 
-    def start(n: int, memory: MemoryDirectory, zones: int = 1) -> Devs:
-        out: Devs = {}
-        for i in range(n):
-            state = StateDir(tmp_path / f"dev{i}")
-            m = open_manager(state)
-            started.append((m, None, state))
-            member = PoolMember(
-                m, cluster.endpoints, f"dev{i}", zone=f"zone{i % zones}", ttl=3, memory=memory
+        def start(n: int, memory: MemoryDirectory, zones: int = 1) -> Devs:
+            return stack.enter_context(
+                local_devices(tmp_path, cluster.endpoints, n, ttl=3, zones=zones, memory=memory)
             )
-            member.start()
-            started[-1] = (m, member, state)
-            out[f"dev{i}"] = (m, member)
-        return out
 
-    yield start
-    for m, member, state in started:
-        if member is not None:
-            member.stop()
-        m.close()
-        state.unlock()
+        yield start
 
 
 def _quiet(pool: Any, devs: Devs) -> list[str]:

@@ -292,7 +292,7 @@ def migration_figures(sizes: tuple[int, ...]) -> dict[str, Any]:
     by stop-and-copy (the baseline, same run). Raises SlicefabError when etcd-server is
     not installed."""
     from firmware.pool.cluster import LocalEtcd
-    from firmware.pool.member import PoolMember
+    from firmware.pool.member import local_devices
     from firmware.pool.memory import MemoryDirectory
 
     out: dict[str, Any] = {
@@ -301,49 +301,41 @@ def migration_figures(sizes: tuple[int, ...]) -> dict[str, Any]:
         "page (MiB)": 2,
     }
     with tempfile.TemporaryDirectory(prefix="slicefab-bench-migration-") as tmp:
-        opened: list[tuple[Any, Any, StateDir]] = []
-        with LocalEtcd(Path(tmp) / "etcd", 1) as cluster:
-            try:
-                mem = MemoryDirectory()
-                for i in range(2):
-                    state = StateDir(Path(tmp) / f"dev{i}")
-                    m = open_manager(state, durability=Durability.CRASH)
-                    member = PoolMember(m, cluster.endpoints, f"dev{i}", ttl=5, memory=mem)
-                    opened.append((m, member, state))
-                    member.start()
-                for k, size in enumerate(sizes):
-                    live = _one_move(cluster.endpoints, mem, size, "live", k)
-                    stop = _one_move(cluster.endpoints, mem, size, "stop-and-copy", k)
-                    p = f"{size} GiB"
-                    out[f"{p}: live move, total (ms)"] = live["total_ms"]
-                    out[f"{p}: stop-and-copy move, total (ms)"] = stop["total_ms"]
-                    out[f"{p}: live move: program B / copy+switch / release A (ms)"] = (
-                        f"{live['program_ms']} / {live['copy_switch_ms']} / {live['release_ms']}"
-                    )
-                    out[f"{p}: pages copied / pages (live)"] = (
-                        f"{live['pages_copied']} / {live['pages']} = "
-                        f"{live['pages_copied'] / live['pages']:.3f}"
-                    )
-                    out[f"{p}: pre-copy rounds (live)"] = live["rounds"]
-                    out[f"{p}: pages copied in the switch (live / stop-and-copy)"] = (
-                        f"{live['switch_pages']} / {stop['switch_pages']}"
-                    )
-                    out[f"{p}: longest VM stall, live (ms)"] = live["stall_ms"]
-                    out[f"{p}: longest VM stall, stop-and-copy (ms)"] = stop["stall_ms"]
-                    out[f"{p}: stall live / stop-and-copy"] = round(
-                        live["stall_ms"] / max(stop["stall_ms"], 1e-6), 4
-                    )
-                    out[f"{p}: longest write with no move (ms)"] = max(
-                        live["calm_ms"], stop["calm_ms"]
-                    )
-                    out[f"{p}: VM writes during the moves, failed"] = (
-                        f"{live['writes'] + stop['writes']}, 0"
-                    )
-            finally:
-                for m, member, state in opened:
-                    member.stop()
-                    m.close()
-                    state.unlock()
+        mem = MemoryDirectory()
+        with (
+            LocalEtcd(Path(tmp) / "etcd", 1) as cluster,
+            local_devices(
+                Path(tmp), cluster.endpoints, 2, ttl=5, durability=Durability.CRASH, memory=mem
+            ),
+        ):
+            for k, size in enumerate(sizes):
+                live = _one_move(cluster.endpoints, mem, size, "live", k)
+                stop = _one_move(cluster.endpoints, mem, size, "stop-and-copy", k)
+                p = f"{size} GiB"
+                out[f"{p}: live move, total (ms)"] = live["total_ms"]
+                out[f"{p}: stop-and-copy move, total (ms)"] = stop["total_ms"]
+                out[f"{p}: live move: program B / copy+switch / release A (ms)"] = (
+                    f"{live['program_ms']} / {live['copy_switch_ms']} / {live['release_ms']}"
+                )
+                out[f"{p}: pages copied / pages (live)"] = (
+                    f"{live['pages_copied']} / {live['pages']} = "
+                    f"{live['pages_copied'] / live['pages']:.3f}"
+                )
+                out[f"{p}: pre-copy rounds (live)"] = live["rounds"]
+                out[f"{p}: pages copied in the switch (live / stop-and-copy)"] = (
+                    f"{live['switch_pages']} / {stop['switch_pages']}"
+                )
+                out[f"{p}: longest VM stall, live (ms)"] = live["stall_ms"]
+                out[f"{p}: longest VM stall, stop-and-copy (ms)"] = stop["stall_ms"]
+                out[f"{p}: stall live / stop-and-copy"] = round(
+                    live["stall_ms"] / max(stop["stall_ms"], 1e-6), 4
+                )
+                out[f"{p}: longest write with no move (ms)"] = max(
+                    live["calm_ms"], stop["calm_ms"]
+                )
+                out[f"{p}: VM writes during the moves, failed"] = (
+                    f"{live['writes'] + stop['writes']}, 0"
+                )
     return out
 
 

@@ -305,56 +305,45 @@ class _Latencies:
 
 
 def bench_pool(quick: bool) -> dict[str, Any]:
-    from firmware.manager import StateDir, open_manager
     from firmware.pool.cluster import LocalEtcd
     from firmware.pool.composer import Pool
     from firmware.pool.etcd import Etcd, mod_revision_is, put
-    from firmware.pool.member import PoolMember
+    from firmware.pool.member import local_devices
 
     n_seq = 30 if quick else 200
     run_s = 2.0 if quick else 10.0
     with tempfile.TemporaryDirectory(prefix="slicefab-bench-pool-") as tmp:
         root = Path(tmp)
-        opened: list[tuple[Any, Any, StateDir]] = []
-        with LocalEtcd(root / "etcd", 3) as cluster:
-            try:
-                for i in range(3):
-                    state = StateDir(root / f"dev{i}")
-                    m = open_manager(state)
-                    member = PoolMember(m, cluster.endpoints, f"dev{i}", ttl=5)
-                    opened.append((m, member, state))
-                    member.start()
-                # anchor: a bare etcd transaction (compare one key, put it)
-                e = Etcd(cluster.endpoints)
-                rev = e.put("/bench/anchor", 0)
-                txn = []
-                for k in range(n_seq):
-                    t0 = time.perf_counter()
-                    ok, rev = e.txn(
-                        [mod_revision_is("/bench/anchor", rev)], [put("/bench/anchor", k)]
-                    )
-                    txn.append(time.perf_counter() - t0)
-                    assert ok
-                pool = Pool(cluster.endpoints)
-                # sequential compose across 2 devices (80 cores do not fit one) + release
-                comp, rel = [], []
-                for k in range(n_seq):
-                    t0 = time.perf_counter()
-                    c = pool.compose(
-                        {"owner": "vm-seq", "cores": 80, "memory": "16 GiB", "nvme": 1},
-                        cid=f"seq{k}",
-                    )
-                    comp.append(time.perf_counter() - t0)
-                    assert len(c["parts"]) >= 2
-                    t0 = time.perf_counter()
-                    pool.release(c["id"])
-                    rel.append(time.perf_counter() - t0)
-                thr = {w: _throughput(cluster.endpoints, w, run_s) for w in (1, 4)}
-            finally:
-                for m, member, state in opened:
-                    member.stop()
-                    m.close()
-                    state.unlock()
+        with (
+            LocalEtcd(root / "etcd", 3) as cluster,
+            local_devices(root, cluster.endpoints, 3, ttl=5),
+        ):
+            # anchor: a bare etcd transaction (compare one key, put it)
+            e = Etcd(cluster.endpoints)
+            rev = e.put("/bench/anchor", 0)
+            txn = []
+            for k in range(n_seq):
+                t0 = time.perf_counter()
+                ok, rev = e.txn(
+                    [mod_revision_is("/bench/anchor", rev)], [put("/bench/anchor", k)]
+                )
+                txn.append(time.perf_counter() - t0)
+                assert ok
+            pool = Pool(cluster.endpoints)
+            # sequential compose across 2 devices (80 cores do not fit one) + release
+            comp, rel = [], []
+            for k in range(n_seq):
+                t0 = time.perf_counter()
+                c = pool.compose(
+                    {"owner": "vm-seq", "cores": 80, "memory": "16 GiB", "nvme": 1},
+                    cid=f"seq{k}",
+                )
+                comp.append(time.perf_counter() - t0)
+                assert len(c["parts"]) >= 2
+                t0 = time.perf_counter()
+                pool.release(c["id"])
+                rel.append(time.perf_counter() - t0)
+            thr = {w: _throughput(cluster.endpoints, w, run_s) for w in (1, 4)}
     c_l, t_l = _Latencies(comp), _Latencies(txn)
     return {
         "etcd members / devices": "3 / 3",

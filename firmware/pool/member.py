@@ -26,12 +26,15 @@ import logging
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 from firmware.errors import SlicefabError
 from firmware.inventory import Device
-from firmware.manager import ResourceManager
+from firmware.ledger import Durability
+from firmware.manager import ResourceManager, StateDir, open_manager
 from firmware.pool.etcd import Compacted, Etcd, PoolUnavailable, absent, put
 from firmware.pool.memory import MemoryDirectory
 from firmware.pool.model import (
@@ -308,3 +311,39 @@ def wait_until(predicate: Any, timeout: float, interval: float = 0.02) -> bool:
         if time.monotonic() > deadline:
             return False
         time.sleep(interval)
+
+
+@contextlib.contextmanager
+def local_devices(
+    root: Path,
+    endpoints: str | list[str],
+    n: int,
+    *,
+    ttl: int = DEFAULT_TTL_S,
+    zones: int = 1,
+    durability: Durability = Durability.POWER,
+    memory: MemoryDirectory | None = None,
+) -> Iterator[dict[str, tuple[ResourceManager, PoolMember]]]:
+    """``n`` in-process devices ``dev0``, ``dev1``, ... for tests and benchmarks: each a
+    manager on ``root/dev<i>`` and its pool member in zone ``zone<i % zones>``. Every one
+    is stopped on the way out, also when a later one fails to start."""
+    opened: list[tuple[ResourceManager, PoolMember | None, StateDir]] = []
+    try:
+        out: dict[str, tuple[ResourceManager, PoolMember]] = {}
+        for i in range(n):
+            state = StateDir(root / f"dev{i}")
+            m = open_manager(state, durability=durability)
+            opened.append((m, None, state))
+            member = PoolMember(
+                m, endpoints, f"dev{i}", zone=f"zone{i % zones}", ttl=ttl, memory=memory
+            )
+            member.start()
+            opened[-1] = (m, member, state)
+            out[f"dev{i}"] = (m, member)
+        yield out
+    finally:
+        for m, started, state in opened:
+            if started is not None:
+                started.stop()
+            m.close()
+            state.unlock()
