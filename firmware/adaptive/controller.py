@@ -183,14 +183,20 @@ class AdaptiveController:
 
     # ---------------------------------------------------------------- measurement
 
+    def _opted_in(self) -> dict[int, str]:
+        """The slices with an adaptive policy, and their application class."""
+        return {
+            p.slice_id: p.app_class
+            for p in (AdaptivePolicy.from_stored(d) for d in self.store.policies())
+        }
+
     def sample_fabric(self, now: float) -> list[UsageSample]:
         """Store the traffic of each opted-in slice's crossbar ports since the previous
         call (flit counters, 32-bit, wrapping), as the Mbit/s of its busiest port: QoS
         limits apply per port, so that is what a bandwidth policy compares with the
         limit. The ports belong to the VM, so this is the VM's traffic on them (all of
         its slices on a port share that port's traffic)."""
-        policies = [AdaptivePolicy.from_stored(d) for d in self.store.policies()]
-        wanted = {p.slice_id: p.app_class for p in policies}
+        wanted = self._opted_in()
         ports = self.manager.read(
             lambda a: {
                 sid: (s.owner, s.alloc.ports) for sid, s in a.slices.items() if sid in wanted
@@ -221,10 +227,7 @@ class AdaptiveController:
         the guests' own reports still count."""
         if not self.sources:
             return []
-        wanted = {
-            p.slice_id: p.app_class
-            for p in (AdaptivePolicy.from_stored(d) for d in self.store.policies())
-        }
+        wanted = self._opted_in()
         if not wanted:
             return []
         g = self.manager.device.granule_bytes
