@@ -72,6 +72,7 @@ from slicefab_qemu.config import (
     VMEM_DEV,
     VmConfig,
     nvme_serial,
+    peripheral_path,
 )
 from slicefab_qemu.errors import QmpFailure, VmError
 from slicefab_qemu.launcher import VmRecord, list_records
@@ -161,13 +162,17 @@ class VmSession:
         """What the VM has now, from QEMU's device tree (``/machine/peripheral``)."""
         hw = VmHardware()
         hw.memory = int(
-            self.qmp.execute("qom-get", {"path": _dev(VMEM_DEV), "property": "requested-size"})
+            self.qmp.execute(
+                "qom-get", {"path": peripheral_path(VMEM_DEV), "property": "requested-size"}
+            )
         )
         for child in self.qmp.execute("qom-list", {"path": "/machine/peripheral"}):
             name = str(child["name"])
             if name.startswith(NVME_PREFIX):
                 bus = str(
-                    self.qmp.execute("qom-get", {"path": _dev(name), "property": "parent_bus"})
+                    self.qmp.execute(
+                        "qom-get", {"path": peripheral_path(name), "property": "parent_bus"}
+                    )
                 )
                 port = next((p for p in bus.split("/") if p.startswith(ROOT_PORT_PREFIX)), "")
                 hw.nvme[int(name[len(NVME_PREFIX) :])] = port
@@ -229,7 +234,8 @@ class VmSession:
         """Set the virtio-mem target. The guest plugs or unplugs on its own; a shrink is
         not waited for (see the module docstring)."""
         self._change(
-            "qom-set", {"path": _dev(VMEM_DEV), "property": "requested-size", "value": size}
+            "qom-set",
+            {"path": peripheral_path(VMEM_DEV), "property": "requested-size", "value": size},
         )
         self.hw.memory = size
 
@@ -292,10 +298,6 @@ class VmSession:
         if failpoints.armed:
             failpoints.hit("qmp.after_call", VmError)
         return result
-
-
-def _dev(dev_id: str) -> str:
-    return f"/machine/peripheral/{dev_id}"
 
 
 class QemuVmm:

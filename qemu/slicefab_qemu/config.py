@@ -56,6 +56,11 @@ CXL_DEV = "sf-cxl-type3"
 BALLOON_DEV = "sf-balloon"
 ROOT_PORT_PREFIX = "sf-rp"
 GUEST_AGENT_PORT = "org.qemu.guest_agent.0"
+
+
+def peripheral_path(dev_id: str) -> str:
+    """The QOM path of a device the command line gave ``id=dev_id`` (for qom-get)."""
+    return f"/machine/peripheral/{dev_id}"
 RUNNER_PORT = "org.slicefab.runner.0"
 
 #: ids of devices the backend hot-plugs: ``sf-nvme-<slice>``

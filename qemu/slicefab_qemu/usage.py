@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from firmware.adaptive.usage import QEMU_BALLOON, SliceMemory, UsageSample
-from slicefab_qemu.config import BALLOON_DEV, BALLOON_POLL_S, VMEM_DEV
+from slicefab_qemu.config import BALLOON_DEV, BALLOON_POLL_S, VMEM_DEV, peripheral_path
 from slicefab_qemu.errors import VmError
 
 log = logging.getLogger("slicefab.qemu")
@@ -112,7 +112,7 @@ def read_memory_stats(qmp: Qmp) -> MemoryStats:
     Raises VmError (QmpFailure) if QEMU refuses or does not answer."""
 
     def get(dev: str, prop: str) -> Any:
-        return qmp.execute("qom-get", {"path": f"/machine/peripheral/{dev}", "property": prop})
+        return qmp.execute("qom-get", {"path": peripheral_path(dev), "property": prop})
 
     guest_stats = get(BALLOON_DEV, "guest-stats")
     if not isinstance(guest_stats, Mapping):
