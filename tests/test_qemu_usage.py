@@ -180,6 +180,16 @@ def test_the_source_samples_fresh_vms_only() -> None:
     assert samples[0].memory_used == filled.slices_in_use()
 
 
+#: the memory policy the controller tests opt their slice in with
+MEMORY_POLICY = {
+    "resource": "memory",
+    "minimum": gib(1),
+    "maximum": gib(4),
+    "step": gib(1),
+    "cooldown": 60,
+}
+
+
 def _slice(rm: ResourceManager, owner: str, size: int) -> int:
     spec = {"owner": owner, "name": "web", "memory": {"size": size}}
     return int(rm.allocate(SliceSpec.from_dict(spec))["id"])
@@ -189,19 +199,7 @@ def test_the_controller_acts_on_qemus_measure(rm: ResourceManager) -> None:
     """A slice whose guest never reports: the controller grows it from the balloon's
     statistics, which the store keeps with their source."""
     sid = _slice(rm, "vm-a", gib(1))
-    set_policy(
-        rm,
-        rm.usage,
-        sid,
-        {
-            "resource": "memory",
-            "minimum": gib(1),
-            "maximum": gib(4),
-            "step": gib(1),
-            "cooldown": 60,
-        },
-        caller=None,
-    )
+    set_policy(rm, rm.usage, sid, MEMORY_POLICY, caller=None)
     stats = MemoryStats(
         total=gib(2), available=gib(1) // 10, last_update=EPOCH, plugged=gib(1), requested=gib(1)
     )
@@ -227,19 +225,7 @@ def test_a_failing_source_does_not_stop_the_others(
     rm: ResourceManager, caplog: pytest.LogCaptureFixture
 ) -> None:
     sid = _slice(rm, "vm-a", gib(1))
-    set_policy(
-        rm,
-        rm.usage,
-        sid,
-        {
-            "resource": "memory",
-            "minimum": gib(1),
-            "maximum": gib(4),
-            "step": gib(1),
-            "cooldown": 60,
-        },
-        caller=None,
-    )
+    set_policy(rm, rm.usage, sid, MEMORY_POLICY, caller=None)
 
     class Broken:
         name = "broken"
