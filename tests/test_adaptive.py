@@ -21,7 +21,9 @@ from firmware.adaptive.policy import DOWN_AT, UP_AT, AdaptivePolicy, set_policy
 from firmware.adaptive.traces import (
     EPOCH,
     SimVm,
+    change_points,
     constant,
+    direction_flips,
     diurnal,
     gib,
     noisy,
@@ -199,15 +201,6 @@ def _run(rm: ResourceManager, demand: list[float], *, initial: int = gib(4),
     return res, res.held["vm-a"]
 
 
-def _changes(held: list[int]) -> list[int]:
-    return [i for i in range(1, len(held)) if held[i] != held[i - 1]]
-
-
-def _direction_flips(held: list[int]) -> int:
-    deltas = [b - a for a, b in itertools.pairwise(held) if b != a]
-    return sum((x > 0) != (y > 0) for x, y in itertools.pairwise(deltas))
-
-
 def test_step_up_and_down_is_tracked_within_bounds(rm: ResourceManager) -> None:
     demand = step(48, gib(2), gib(9), 8) + step(48, gib(9), gib(2), 0)
     _res, held = _run(rm, demand, initial=gib(3))  # 2 GiB is 67% of 3: steady at first
@@ -216,8 +209,8 @@ def test_step_up_and_down_is_tracked_within_bounds(rm: ResourceManager) -> None:
     assert held[-1] <= gib(2) / DOWN_AT  # came back down once demand fell
     assert held[-1] >= demand[-1]
     # no oscillation: up to the high level, down to the low one
-    assert _direction_flips(held) == 1
-    changes = _changes(held)
+    assert direction_flips(held) == 1
+    changes = change_points(held)
     cooldown_ticks = POLICY["cooldown"] // STEP_S
     assert all(b - a >= cooldown_ticks for a, b in itertools.pairwise(changes))
     assert len(changes) <= 8
@@ -227,7 +220,7 @@ def test_ramp_is_followed_without_oscillation(rm: ResourceManager) -> None:
     n = 96
     demand = ramp(n, gib(2), gib(12), 10, 40)
     _res, held = _run(rm, demand)
-    assert _direction_flips(held) <= 1
+    assert direction_flips(held) <= 1
     assert held[-1] >= gib(12)
     assert held[-1] <= gib(12) / 0.7 + gib(1)
     late = sum(d > h for d, h in zip(demand[45:], held[45:], strict=False))
@@ -239,7 +232,7 @@ def test_noisy_steady_load_settles(rm: ResourceManager) -> None:
     demand = noisy(constant(PER_DAY, gib(6)), 0.08, rng)
     _res, held = _run(rm, demand, check_every=24)
     settled = held[24:]  # after two hours
-    assert len(_changes(settled)) <= 1
+    assert len(change_points(settled)) <= 1
     assert all(h >= gib(6) for h in settled)
 
 
@@ -251,9 +244,9 @@ def test_diurnal_cycles_bounded_resizes_and_few_violations(rm: ResourceManager) 
     res, held = _run(rm, demand, check_every=12)
     assert all(gib(1) <= h <= gib(16) for h in held)
     # each day: a few steps up in the morning ramp, a few down in the evening
-    assert len(_changes(held)) <= 8 * days
+    assert len(change_points(held)) <= 8 * days
     assert res.violation_rate < 0.05
-    assert _direction_flips(held) <= 4 * days
+    assert direction_flips(held) <= 4 * days
 
 
 def test_bounds_hold_and_are_enforced(rm: ResourceManager) -> None:

@@ -14,7 +14,16 @@ import pytest
 
 from firmware.adaptive.controller import AdaptiveController
 from firmware.adaptive.policy import set_policy
-from firmware.adaptive.traces import EPOCH, SimVm, diurnal, noisy, simulate, step
+from firmware.adaptive.traces import (
+    EPOCH,
+    SimVm,
+    change_points,
+    direction_flips,
+    diurnal,
+    noisy,
+    simulate,
+    step,
+)
 from firmware.adaptive.usage import FABRIC, Action, Resource, UsageSample
 from firmware.errors import RequestError
 from firmware.manager import ResourceManager
@@ -151,23 +160,14 @@ def _run(
     return res, res.held["vm-a"]
 
 
-def _changes(held: list[int]) -> list[int]:
-    return [i for i in range(1, len(held)) if held[i] != held[i - 1]]
-
-
-def _direction_flips(held: list[int]) -> int:
-    deltas = [b - a for a, b in itertools.pairwise(held) if b != a]
-    return sum((x > 0) != (y > 0) for x, y in itertools.pairwise(deltas))
-
-
 def test_a_bandwidth_step_is_tracked_within_bounds(rm: ResourceManager) -> None:
     demand = step(48, 4 * G, 30 * G, 8) + step(48, 30 * G, 4 * G, 0)
     _res, held = _run(rm, demand, initial=8 * G)
     assert all(2 * G <= h <= 60 * G for h in held)
     assert 30 * G / 0.85 <= held[40] <= 30 * G / 0.7 + 5 * G  # settled above the high level
     assert demand[-1] <= held[-1] <= 4 * G / 0.5  # and back down once demand fell
-    assert _direction_flips(held) == 1
-    changes = _changes(held)
+    assert direction_flips(held) == 1
+    changes = change_points(held)
     assert all(b - a >= POLICY["cooldown"] // STEP_S for a, b in itertools.pairwise(changes))
     assert len(changes) <= 8
 
@@ -180,8 +180,8 @@ def test_a_noisy_diurnal_bandwidth_demand_bounded_resizes(rm: ResourceManager) -
     assert all(2 * G <= h <= 60 * G for h in held)
     # one shrink to the night level at the start, then each day at most 5 steps up the
     # 30-minute ramp (use pinned at the limit: one step per cooldown) and 3 down
-    assert len(_changes(held)) <= 8 * days + 1
-    assert _direction_flips(held) <= 2 * days + 1
+    assert len(change_points(held)) <= 8 * days + 1
+    assert direction_flips(held) <= 2 * days + 1
     assert res.violation_rate < 0.05
     # every change went through the manager: the port carries exactly the slice's rate
     sid = rm.read(lambda a: next(iter(a.slices)))

@@ -13,6 +13,7 @@ it). Every change goes through the manager, ledger and crossbar included.
 
 from __future__ import annotations
 
+import itertools
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -206,6 +207,18 @@ def simulate(
         res.ticks += 1
     res.resizes = sum(d.before != d.after for d in res.decisions)
     return res
+
+
+def change_points(held: list[int]) -> list[int]:
+    """The ticks at which a held allocation changed (how many resizes, and how far apart)."""
+    return [i for i in range(1, len(held)) if held[i] != held[i - 1]]
+
+
+def direction_flips(held: list[int]) -> int:
+    """How often a held allocation turned from growing to shrinking or back: the measure
+    of oscillation the controller tests bound."""
+    deltas = [b - a for a, b in itertools.pairwise(held) if b != a]
+    return sum((x > 0) != (y > 0) for x, y in itertools.pairwise(deltas))
 
 
 def gib(x: float) -> int:
