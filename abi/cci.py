@@ -287,8 +287,19 @@ class Message(NamedTuple):
         """Decode one whole message. Raises :class:`DecodeError`: everything
         :func:`check_header` refuses, plus a declared payload length that disagrees
         with the bytes that follow the header."""
-        h = check_header(buf, max_payload=max_payload)
         actual = len(buf) - HEADER_BYTES
+        if actual >= 0:  # the common case, a valid message, in one test (as check_header)
+            c, tag, rsv, cmd, cset, lo, hi, rc, vs = _FAST.unpack_from(buf)
+            n = (hi & 0x1F) << 16 | lo
+            if (
+                not rsv and not hi & 0x60 and n == actual and n <= max_payload
+                and (c == 1 or (c == 0 and not rc | vs))
+            ):  # fmt: skip
+                return cls(
+                    _CATEGORIES[c], tag, cset << 8 | cmd, bytes(buf[HEADER_BYTES:]), rc, vs,
+                    hi >= 0x80,
+                )  # fmt: skip
+        h = check_header(buf, max_payload=max_payload)
         if actual != h.payload_length:
             raise DecodeError(
                 "header.payload_length",
@@ -312,6 +323,21 @@ class Message(NamedTuple):
         return Message(Category.RESPONSE, self.tag, self.opcode, payload, return_code, ext_status)
 
 
+def success_bytes(request: Message, payload: bytes, *, max_payload: int = MAX_PAYLOAD) -> bytes:
+    """``request.reply(payload).encode(max_payload=...)``, the bytes of a success
+    response, without building the reply first: it is on the path of every answer.
+    Raises :class:`EncodeError` as :meth:`Message.encode` does."""
+    tag, opcode, n = request.tag, request.opcode, len(payload)
+    if (
+        type(tag) is int and 0 <= tag <= 0xFF
+        and type(opcode) is int and 0 <= opcode <= 0xFFFF
+        and type(payload) is bytes and n <= max_payload and n <= FORMAT_MAX_PAYLOAD
+    ):  # fmt: skip
+        head = _FAST.pack(1, tag, 0, opcode & 0xFF, opcode >> 8, n & 0xFFFF, n >> 16, 0, 0)
+        return head + payload
+    return request.reply(payload).encode(max_payload=max_payload)
+
+
 __all__ = [
     "FORMAT_MAX_PAYLOAD",
     "HEADER",
@@ -322,6 +348,7 @@ __all__ = [
     "Message",
     "RawHeader",
     "check_header",
+    "success_bytes",
     "unpack_raw",
     "unpack_raw_reference",
 ]

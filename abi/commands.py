@@ -30,7 +30,7 @@ from types import MappingProxyType
 from typing import Any, NamedTuple
 
 from abi import fmapi, vendor
-from abi.cci import MAX_PAYLOAD, Category, Message
+from abi.cci import MAX_PAYLOAD, Category, Message, success_bytes
 from abi.errors import DecodeError, EncodeError, UnknownOpcode
 from abi.layout import Layout, Payload
 from abi.retcodes import ReturnCode, error_from_response, error_payload
@@ -325,12 +325,17 @@ def decode_request(buf: bytes, *, max_payload: int = MAX_PAYLOAD) -> Request:
 
 
 def encode_response(
-    request: Message, payload: Mapping[str, Any], *, max_payload: int = MAX_PAYLOAD
+    request: Message,
+    payload: Mapping[str, Any],
+    *,
+    max_payload: int = MAX_PAYLOAD,
+    command: Command | None = None,
 ) -> bytes:
-    """The success response to ``request``. Raises :class:`EncodeError`, e.g. when the
-    payload exceeds ``max_payload`` (answer an error instead)."""
-    cmd = lookup(request.opcode)
-    return request.reply(cmd.response.build(payload)).encode(max_payload=max_payload)
+    """The success response to ``request`` (whose command the caller may pass, saving the
+    lookup). Raises :class:`EncodeError`, e.g. when the payload exceeds ``max_payload``
+    (answer an error instead)."""
+    cmd = lookup(request.opcode) if command is None else command
+    return success_bytes(request, cmd.response.build(payload), max_payload=max_payload)
 
 
 def encode_error(request: Message, error: Mapping[str, Any]) -> bytes:

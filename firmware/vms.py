@@ -184,6 +184,8 @@ class BadRequestLimiter:
 
     def limited(self) -> bool:
         """True when the channel must be refused now (counts the refusal)."""
+        if self._tokens >= 1:  # refilling only adds: no clock read on the common path
+            return False
         self._refill()
         if self._tokens < 1:
             self.rejected += 1

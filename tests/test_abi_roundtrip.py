@@ -22,6 +22,7 @@ from abi.cci import (
     Category,
     Message,
     check_header,
+    success_bytes,
     unpack_raw,
     unpack_raw_reference,
 )
@@ -138,6 +139,40 @@ def test_fast_header_packing_agrees_with_construct(m: Message) -> None:
         }
     )
     assert m.encode()[:HEADER_BYTES] == reference
+
+
+def _decode_checked(data: bytes) -> Message | str:
+    """Message.decode as check_header defines it (what its one-test shortcut must match):
+    the message, or the field of the DecodeError."""
+    try:
+        h = check_header(data)
+    except DecodeError as e:
+        return e.field
+    if len(data) - HEADER_BYTES != h.payload_length:
+        return "header.payload_length"
+    return Message(
+        h.category, h.tag, h.opcode, data[HEADER_BYTES:], h.return_code, h.ext_status,
+        h.background,
+    )  # fmt: skip
+
+
+@given(st.one_of(st.binary(max_size=48), messages.map(Message.encode)), st.data())
+def test_decode_shortcut_agrees_with_the_checked_path(data: bytes, more: st.DataObject) -> None:
+    if data and more.draw(st.booleans()):  # flip a header bit now and then
+        bit = more.draw(st.integers(0, min(len(data), HEADER_BYTES) * 8 - 1))
+        data = bytes(b ^ (1 << bit % 8) if i == bit // 8 else b for i, b in enumerate(data))
+    try:
+        got: Message | str = Message.decode(data)
+    except DecodeError as e:
+        got = e.field
+    assert got == _decode_checked(data)
+
+
+@given(messages, st.binary(max_size=64))
+def test_success_bytes_is_the_encoded_reply(m: Message, payload: bytes) -> None:
+    assert success_bytes(m, payload) == m.reply(payload).encode()
+    with pytest.raises(EncodeError):
+        success_bytes(m, payload + b"x", max_payload=len(payload))
 
 
 @given(st.binary(max_size=40))

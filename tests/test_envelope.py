@@ -18,6 +18,7 @@ from abi.envelope import (
     EnvelopeError,
     open_sealed,
     seal,
+    verify,
 )
 
 KEY = bytes(range(32))
@@ -74,3 +75,24 @@ def test_the_tag_is_rfc2104_hmac_sha256(
     want = hmac.digest(key, data, "sha256")
     assert seal(key, domain, vm, seq, message)[-TAG_BYTES:] == want
     assert open_sealed(key, domain, vm, seal(key, domain, vm, seq, message)) == (message, seq)
+
+
+@given(st.binary(max_size=256), st.integers(0, 2**64 - 1), st.data())
+def test_verify_gives_the_seq_of_a_sealed_frame_and_none_for_any_change(
+    message: bytes, seq: int, data: st.DataObject
+) -> None:
+    frame = seal(KEY, REQUEST_DOMAIN, "vm-a", seq, message)
+    assert verify(KEY, REQUEST_DOMAIN, "vm-a", frame) == seq
+    bit = data.draw(st.integers(0, len(frame) * 8 - 1))
+    tampered = bytearray(frame)
+    tampered[bit // 8] ^= 1 << (bit % 8)
+    assert verify(KEY, REQUEST_DOMAIN, "vm-a", bytes(tampered)) is None
+    assert verify(KEY, RESPONSE_DOMAIN, "vm-a", frame) is None
+    assert verify(KEY, REQUEST_DOMAIN, "vm-b", frame) is None
+
+
+def test_verify_refuses_what_open_sealed_refuses() -> None:
+    with pytest.raises(EnvelopeError, match="trailer"):
+        verify(KEY, REQUEST_DOMAIN, "vm-a", b"x" * (TRAILER_BYTES - 1))
+    with pytest.raises(EnvelopeError, match="key"):
+        verify(KEY[:-1], REQUEST_DOMAIN, "vm-a", seal(KEY, REQUEST_DOMAIN, "vm-a", 1, b""))
