@@ -20,7 +20,7 @@ from cffi import FFI
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 API_HEADER = HERE / "include" / "slicefab_fast.h"
-SOURCES = ("xbar_image.c", "cores.c", "lanes.c", "extents.c", "alloc.c")
+SOURCES = ("xbar_image.c", "cores.c", "lanes.c", "extents.c", "alloc.c", "doorbell.c")
 CFLAGS = ["-O2", "-std=c11", "-Wall", "-Wextra", "-Wshadow", "-Wconversion", "-Wno-sign-conversion"]
 
 

@@ -33,6 +33,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from abi.commands import decode_response, encode_request
+from abi.envelope import REQUEST_DOMAIN, RESPONSE_DOMAIN, open_sealed, seal
 from firmware.allocator import Allocator
 from firmware.errors import AllocationError
 from firmware.fabric.image import PortDemand
@@ -307,9 +309,6 @@ class _BenchVm:
         self.seq = int(self.call("HELLO", {"client_nonce": os.urandom(16)})["last_seq"])
 
     def call(self, name: str, payload: dict[str, Any]) -> Any:
-        from abi.commands import decode_response, encode_request
-        from abi.envelope import REQUEST_DOMAIN, RESPONSE_DOMAIN, open_sealed, seal
-
         self.seq += 1
         frame = seal(
             self.key,

@@ -454,6 +454,19 @@ class MailboxServer:
     def path(self) -> str:
         return self._r.path
 
+    @property
+    def answered(self) -> int:
+        """The sequence number of the last request taken (by :meth:`poll`) or answered:
+        the request sequence register holds it until the VM posts its next request."""
+        return self._answered
+
+    def doorbell(self) -> tuple[mmap.mmap, int]:
+        """The mapped region and the byte offset of its request sequence register (the
+        doorbell), for a server that waits on many mailboxes outside Python (the firmware:
+        ``sf_doorbell_wait``). The mapping cannot be closed while anything holds an export
+        of it (``close()`` then raises BufferError): release exports before closing."""
+        return self._r.mm, REG_REQ_SEQ
+
     def serve_once(self, handler: Handler, timeout: float) -> bool:
         """Wait up to ``timeout`` s for a new request, answer it with ``handler``; True if
         one was answered, False on timeout.

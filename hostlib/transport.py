@@ -118,14 +118,27 @@ class PollPolicy:
 
     The spin keeps a round trip in the µs range when the peer is quick; the cap on the
     sleep bounds both the latency after an idle period and the CPU an idle channel costs
-    (about ``1 / max_sleep`` wake-ups a second)."""
+    (about ``1 / max_sleep`` wake-ups a second).
+
+    While spinning, a side calls ``os.sched_yield()`` at most every ``yield_interval``
+    seconds, not on every poll: a yield is what lets a peer thread take the GIL (or a
+    peer process the CPU), but each one is a system call, and a side that makes one per
+    poll slows the other down by half when the two share a physical core (hyperthreads,
+    or the vCPUs of a VM): the bare mailbox round trip went from 17 to 9 µs
+    (docs/benchmarks.md)."""
 
     spin: float = 200e-6
     min_sleep: float = 20e-6
     max_sleep: float = 1e-3
+    yield_interval: float = 20e-6
 
     def __post_init__(self) -> None:
-        if self.spin < 0 or self.min_sleep <= 0 or self.max_sleep < self.min_sleep:
+        if (
+            self.spin < 0
+            or self.min_sleep <= 0
+            or self.max_sleep < self.min_sleep
+            or self.yield_interval < 0
+        ):
             raise ValueError(f"invalid poll policy {self}")
 
 
@@ -135,12 +148,13 @@ DEFAULT_POLL = PollPolicy()
 class Backoff:
     """One wait: call :meth:`pause` (or ``await`` :meth:`apause`) between polls.
 
-    During the spin phase a pause is ``os.sched_yield()``: it gives the CPU to a runnable
-    peer on the same core and, in a threaded server, drops the GIL so that the peer thread
-    can run at all (a Python thread spinning without releasing the GIL would keep the
-    other side waiting for the interpreter's 5 ms switch interval)."""
+    During the spin phase a pause returns at once, and every ``yield_interval`` it is an
+    ``os.sched_yield()``: that gives the CPU to a runnable peer on the same core and, in a
+    threaded server, drops the GIL so that a peer thread can run at all (a Python thread
+    spinning without releasing the GIL would keep the other side waiting for the
+    interpreter's 5 ms switch interval)."""
 
-    __slots__ = ("_deadline", "_next_sleep", "_policy", "_spin_until")
+    __slots__ = ("_deadline", "_next_sleep", "_next_yield", "_policy", "_spin_until")
 
     def __init__(self, policy: PollPolicy, deadline: float) -> None:
         now = time.perf_counter()
@@ -148,6 +162,7 @@ class Backoff:
         self._deadline = deadline
         self._spin_until = now + policy.spin
         self._next_sleep = policy.min_sleep
+        self._next_yield = now + policy.yield_interval
 
     def pause(self) -> bool:
         """Wait a little; False once the deadline has passed (nothing was waited)."""
@@ -155,7 +170,9 @@ class Backoff:
         if now >= self._deadline:
             return False
         if now < self._spin_until:
-            os.sched_yield()
+            if now >= self._next_yield:
+                os.sched_yield()
+                self._next_yield = now + self._policy.yield_interval
             return True
         time.sleep(min(self._next_sleep, self._deadline - now))
         self._next_sleep = min(self._next_sleep * 2, self._policy.max_sleep)

@@ -16,7 +16,7 @@ from abi.envelope import REQUEST_DOMAIN, RESPONSE_DOMAIN, open_sealed, seal
 from firmware.api import Api
 from firmware.mailboxes import MailboxService, default_mailbox
 from firmware.manager import ResourceManager
-from hostlib.mailbox import MailboxClient
+from hostlib.mailbox import REG_FW_STATE, FwState, MailboxClient
 from tests.conftest import StateDir
 
 
@@ -260,3 +260,46 @@ def test_may_block_is_judged_from_the_opcode() -> None:
     assert not may_block(encode_request("NOP", {"data": b""}))
     assert not may_block(encode_request("GET", {"slice": 1}))
     assert not may_block(b"\x00\x01")  # too short to have an opcode: answered inline
+
+
+def test_a_vm_re_provisioned_on_its_mailbox_file_is_served_at_once(
+    device_api: Any, state: StateDir
+) -> None:
+    """refresh() closes a removed VM's mailbox before it opens the new one: the poller owns
+    the doorbell views of the mappings, and a late close of the old mapping would mark the
+    shared file CLOSED under the new server."""
+    rm, service = device_api
+    a = provision(rm, service, state, "vm-a")
+    for _ in range(10):
+        rm.vms.remove("vm-a")
+        service.refresh()
+        with open(default_mailbox(state.path, "vm-a"), "rb") as f:  # closed on return
+            assert int.from_bytes(f.read(0x20)[REG_FW_STATE:][:4], "little") == FwState.CLOSED
+        cred = rm.vms.add("vm-a", str(default_mailbox(state.path, "vm-a")))
+        service.refresh()
+        a.transport.close()
+        a = RawVm("vm-a", cred.key, Path(cred.mailbox))
+        a.hello()
+        assert a.call("NOP", {"data": b"still here"}).payload == {"data": b"still here"}
+
+
+def test_the_pure_python_poller_serves_the_same_pipeline(
+    rm: ResourceManager, state: StateDir
+) -> None:
+    """SLICEFAB_FASTPATH=0: the poller scans in Python instead of waiting in C."""
+    from firmware import fastpath
+
+    with fastpath.selected(False):
+        service = MailboxService(Api(rm, rm.vms), state.path)
+    try:
+        assert service._c is None
+        a = provision(rm, service, state, "vm-a")
+        b = provision(rm, service, state, "vm-b")
+        sa = a.call("ALLOCATE", ALLOC).payload["id"]
+        assert b.call("FREE", {"slice": sa, "request_id": None}).error["code"] == "denied"
+        assert a.call("FREE", {"slice": sa, "request_id": None}).ok
+        rm.vms.remove("vm-b")
+        service.refresh()
+        assert a.call("NOP", {"data": b""}).ok
+    finally:
+        service.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import itertools
 import mmap
 import multiprocessing
 import os
@@ -34,10 +35,12 @@ from hostlib.mailbox import (
 )
 from hostlib.transport import (
     AsyncClientTransport,
+    Backoff,
     ClientTransport,
     FrameTooLarge,
     MailboxLayoutError,
     PeerClosed,
+    PollPolicy,
     ServerEndpoint,
     TransportError,
     TransportTimeout,
@@ -828,3 +831,31 @@ def test_poll_and_respond_split_a_request_across_threads(mbox: Path) -> None:
         server.close()
     with pytest.raises(PeerClosed):
         server.poll()
+
+
+def test_a_spinning_wait_yields_the_cpu_only_every_yield_interval(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    yields: list[float] = []
+    monkeypatch.setattr(os, "sched_yield", lambda: yields.append(time.perf_counter()))
+    policy = PollPolicy(spin=0.05, yield_interval=0.002)
+    backoff = Backoff(policy, time.perf_counter() + 1)
+    pauses = 0
+    start = time.perf_counter()
+    while time.perf_counter() - start < 0.03:  # well inside the spin phase
+        assert backoff.pause()
+        pauses += 1
+    assert pauses > 10 * len(yields)  # most pauses return without a system call
+    assert 1 <= len(yields) <= 0.03 / 0.002 + 1
+    # (recorded a little after the check that decided each yield: allow that slack)
+    assert all(b - a >= 0.0019 for a, b in itertools.pairwise(yields))
+    every = Backoff(PollPolicy(spin=0.05, yield_interval=0), time.perf_counter() + 1)
+    yields.clear()
+    for _ in range(5):
+        every.pause()
+    assert len(yields) == 5  # yield_interval 0: a yield on every pause, as before
+
+
+def test_a_negative_yield_interval_is_refused() -> None:
+    with pytest.raises(ValueError, match="invalid poll policy"):
+        PollPolicy(yield_interval=-1e-6)

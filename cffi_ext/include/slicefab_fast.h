@@ -371,6 +371,12 @@ int sf_alloc_set_port(sf_alloc *a, uint32_t port, const sf_port_state *in, sf_er
  * ports whose totals changed since the previous call */
 int sf_alloc_demand(sf_alloc *a, sf_port_demand *out, uint32_t n_out, uint64_t *changed,
                     sf_error *err);
+/* Mailbox doorbells (doorbell.c). Spin, without the GIL, until one of the n 64-bit words
+ * differs from its expected value; words[i] may be NULL (skipped). Returns the index of the
+ * first word seen changed, or -1 once spin_ns nanoseconds have passed (at least one scan is
+ * made, also with spin_ns 0). The words are read with acquire loads. */
+int sf_doorbell_wait(const uint64_t *const *words, const uint64_t *expected, uint32_t n,
+                     uint64_t spin_ns);
 /* cdef-end */
 
 #ifdef __cplusplus
