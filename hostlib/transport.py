@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -120,12 +121,15 @@ class PollPolicy:
     sleep bounds both the latency after an idle period and the CPU an idle channel costs
     (about ``1 / max_sleep`` wake-ups a second).
 
-    While spinning, a side calls ``os.sched_yield()`` at most every ``yield_interval``
-    seconds, not on every poll: a yield is what lets a peer thread take the GIL (or a
-    peer process the CPU), but each one is a system call, and a side that makes one per
-    poll slows the other down by half when the two share a physical core (hyperthreads,
-    or the vCPUs of a VM): the bare mailbox round trip went from 17 to 9 µs
-    (docs/benchmarks.md)."""
+    While spinning in a process that runs only one thread, a side calls
+    ``os.sched_yield()`` at most every ``yield_interval`` seconds; with other threads in
+    the process it yields on every poll. A yield is what lets a peer thread take the GIL:
+    with the server in a thread of the client's process, a 20 µs interval made the round
+    trip 403 µs instead of 16 µs, because the spinning thread takes the GIL back before
+    the woken peer can run. Without peer threads, a yield on every poll is only a system
+    call that makes the spinning side a heavier neighbour: the authenticated no-op
+    against the daemon went from 85 µs to 62–65 µs when its VM process yielded every
+    20 µs instead (docs/benchmarks.md)."""
 
     spin: float = 200e-6
     min_sleep: float = 20e-6
@@ -148,13 +152,14 @@ DEFAULT_POLL = PollPolicy()
 class Backoff:
     """One wait: call :meth:`pause` (or ``await`` :meth:`apause`) between polls.
 
-    During the spin phase a pause returns at once, and every ``yield_interval`` it is an
-    ``os.sched_yield()``: that gives the CPU to a runnable peer on the same core and, in a
-    threaded server, drops the GIL so that a peer thread can run at all (a Python thread
-    spinning without releasing the GIL would keep the other side waiting for the
-    interpreter's 5 ms switch interval)."""
+    During the spin phase a pause returns at once, and every ``yield_interval`` (every
+    pause if the process runs other threads) it is an ``os.sched_yield()``: that gives
+    the CPU to a runnable peer on the same core and, in a threaded process, drops the
+    GIL so that a peer thread can run at all (a Python thread spinning without releasing
+    the GIL would keep the other side waiting for the interpreter's 5 ms switch
+    interval)."""
 
-    __slots__ = ("_deadline", "_next_sleep", "_next_yield", "_policy", "_spin_until")
+    __slots__ = ("_deadline", "_interval", "_next_sleep", "_next_yield", "_policy", "_spin_until")
 
     def __init__(self, policy: PollPolicy, deadline: float) -> None:
         now = time.perf_counter()
@@ -162,7 +167,9 @@ class Backoff:
         self._deadline = deadline
         self._spin_until = now + policy.spin
         self._next_sleep = policy.min_sleep
-        self._next_yield = now + policy.yield_interval
+        # a peer thread needs the GIL back at every poll (see PollPolicy)
+        self._interval = policy.yield_interval if threading.active_count() == 1 else 0.0
+        self._next_yield = now + self._interval
 
     def pause(self) -> bool:
         """Wait a little; False once the deadline has passed (nothing was waited)."""
@@ -172,7 +179,7 @@ class Backoff:
         if now < self._spin_until:
             if now >= self._next_yield:
                 os.sched_yield()
-                self._next_yield = now + self._policy.yield_interval
+                self._next_yield = now + self._interval
             return True
         time.sleep(min(self._next_sleep, self._deadline - now))
         self._next_sleep = min(self._next_sleep * 2, self._policy.max_sleep)

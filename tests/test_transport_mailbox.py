@@ -838,6 +838,7 @@ def test_a_spinning_wait_yields_the_cpu_only_every_yield_interval(
 ) -> None:
     yields: list[float] = []
     monkeypatch.setattr(os, "sched_yield", lambda: yields.append(time.perf_counter()))
+    monkeypatch.setattr(threading, "active_count", lambda: 1)  # a single-threaded process
     policy = PollPolicy(spin=0.05, yield_interval=0.002)
     backoff = Backoff(policy, time.perf_counter() + 1)
     pauses = 0
@@ -853,7 +854,13 @@ def test_a_spinning_wait_yields_the_cpu_only_every_yield_interval(
     yields.clear()
     for _ in range(5):
         every.pause()
-    assert len(yields) == 5  # yield_interval 0: a yield on every pause, as before
+    assert len(yields) == 5  # yield_interval 0: a yield on every pause
+    monkeypatch.setattr(threading, "active_count", lambda: 2)  # a peer thread needs the GIL
+    threaded = Backoff(policy, time.perf_counter() + 1)
+    yields.clear()
+    for _ in range(5):
+        threaded.pause()
+    assert len(yields) == 5
 
 
 def test_a_negative_yield_interval_is_refused() -> None:
