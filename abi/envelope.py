@@ -60,12 +60,15 @@ def _pads(key: bytes) -> tuple[hashlib._Hash, hashlib._Hash]:
     return hashlib.sha256(k.translate(_IPAD)), hashlib.sha256(k.translate(_OPAD))
 
 
-def _tag(key: bytes, domain: bytes, vm_id: str, seq: int, message: bytes) -> bytes:
-    """HMAC-SHA256 of ``domain || vm_id || 0x00 || seq || message`` under ``key``."""
+def _tag(
+    key: bytes, domain: bytes, vm_id: str, seq: bytes | memoryview, message: bytes | memoryview
+) -> bytes:
+    """HMAC-SHA256 of ``domain || vm_id || 0x00 || seq || message`` under ``key``
+    (``seq`` already packed as in the trailer)."""
     inner, outer = _pads(key)
     h = inner.copy()
     h.update(_prefix(domain, vm_id))
-    h.update(_SEQ.pack(seq))
+    h.update(seq)
     h.update(message)
     o = outer.copy()
     o.update(h.digest())
@@ -90,14 +93,7 @@ def seal(key: bytes, domain: bytes, vm_id: str, seq: int, message: bytes) -> byt
     if len(key) != KEY_BYTES or not 0 <= seq <= MAX_SEQ:
         _check(key, seq)
     trailer_seq = _SEQ.pack(seq)
-    inner, outer = _pads(key)
-    h = inner.copy()
-    h.update(_prefix(domain, vm_id))
-    h.update(trailer_seq)
-    h.update(message)
-    o = outer.copy()
-    o.update(h.digest())
-    return b"".join((message, trailer_seq, o.digest()))
+    return b"".join((message, trailer_seq, _tag(key, domain, vm_id, trailer_seq, message)))
 
 
 def split(frame: bytes) -> tuple[bytes, int, bytes]:
@@ -120,15 +116,9 @@ def verify(key: bytes, domain: bytes, vm_id: str, frame: bytes) -> int | None:
     if n < 0 or len(key) != KEY_BYTES:
         split(frame)
         _check(key, 0)
-    inner, outer = _pads(key)
     view = memoryview(frame)
-    h = inner.copy()
-    h.update(_prefix(domain, vm_id))
-    h.update(view[n : n + SEQ_BYTES])
-    h.update(view[:n])
-    o = outer.copy()
-    o.update(h.digest())
-    if not hmac.compare_digest(view[n + SEQ_BYTES :], o.digest()):
+    tag = _tag(key, domain, vm_id, view[n : n + SEQ_BYTES], view[:n])
+    if not hmac.compare_digest(view[n + SEQ_BYTES :], tag):
         return None
     (seq,) = _SEQ.unpack_from(frame, n)
     return int(seq)
