@@ -303,3 +303,33 @@ def test_the_pure_python_poller_serves_the_same_pipeline(
         assert a.call("NOP", {"data": b""}).ok
     finally:
         service.close()
+
+
+@pytest.mark.parametrize(
+    ("offset", "value", "code", "field"),
+    [
+        (5, 1, "malformed", "header.payload_length"),  # one byte more than follows
+        (2, 1, "malformed", "header.reserved"),
+        # a reserved bit of the length field: answered as the length's error
+        (7, 0x20, "payload_too_large", "header.payload_length"),
+        (8, 1, "malformed", "header.return_code"),
+        (10, 1, "malformed", "header.ext_status"),
+        (0, 1, "malformed", "header.category"),  # a response where a request belongs
+    ],
+)
+def test_a_sealed_request_with_a_lying_header_is_refused(
+    device_api: Any, state: StateDir, offset: int, value: int, code: str, field: str
+) -> None:
+    """The MAC is valid: only the header's own checks can refuse these frames, on the
+    fast path as on the checked one."""
+    rm, service = device_api
+    a = provision(rm, service, state, "vm-a")
+    before = state_of(rm)
+    a.seq += 1
+    message = bytearray(encode_request("ALLOCATE", ALLOC, tag=a.seq & 0xFF))
+    message[offset] ^= value
+    r = a.send(seal(a.key, REQUEST_DOMAIN, "vm-a", a.seq, bytes(message)))
+    assert r.error["code"] == code, r.error
+    assert r.error["details"]["field"] == field
+    assert state_of(rm) == before
+    assert service.channels()["vm-a"].counters.malformed == (code == "malformed")
