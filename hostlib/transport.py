@@ -128,8 +128,8 @@ class PollPolicy:
     trip 403 µs instead of 16 µs, because the spinning thread takes the GIL back before
     the woken peer can run. Without peer threads, a yield on every poll is only a system
     call that makes the spinning side a heavier neighbour: the authenticated no-op
-    against the daemon went from 85 µs to 62–65 µs when its VM process yielded every
-    20 µs instead (docs/benchmarks.md)."""
+    against the daemon took 85–148 µs (three runs) with a yield per poll and 54–75 µs
+    (five runs) with one every 20 µs (docs/benchmarks.md)."""
 
     spin: float = 200e-6
     min_sleep: float = 20e-6
