@@ -322,8 +322,11 @@ def _check_header(message: bytes) -> Header:
     try:
         header = check_header(message)
     except DecodeError as e:
-        code = "payload_too_large" if e.field == "header.payload_length" else "malformed"
-        raise ApiError(code, str(e), field=e.field) from None
+        # a length over the cap is too large; a reserved bit in the length field is not
+        too_large = e.field == "header.payload_length" and e.limit is not None
+        raise ApiError(
+            "payload_too_large" if too_large else "malformed", str(e), field=e.field
+        ) from None
     if header.category != Category.REQUEST:
         raise ApiError("malformed", "expected a request", field="header.category")
     return header
