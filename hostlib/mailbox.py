@@ -310,7 +310,10 @@ class _Region:
 
         Raises TransportTimeout if another operation holds the region until then,
         PeerClosed if the region is closed."""
-        if not self.busy.acquire(timeout=max(0.0, deadline - time.perf_counter())):
+        busy = self.busy
+        if not busy.acquire(blocking=False) and not busy.acquire(
+            timeout=max(0.0, deadline - time.perf_counter())
+        ):
             raise TransportTimeout("another caller still holds this mailbox")
         self._check_open()
 
@@ -689,10 +692,11 @@ class MailboxClient:
         try:
             if r.fw_state() == FwState.CLOSED:
                 raise PeerClosed(f"the firmware closed mailbox {r.path}")
-            backoff = Backoff(self._poll, deadline)
-            while not self._try_flock():
-                if not backoff.pause():
-                    raise TransportTimeout("another process holds this mailbox")
+            if not self._try_flock():  # the wait costs only a process that has to wait
+                backoff = Backoff(self._poll, deadline)
+                while not self._try_flock():
+                    if not backoff.pause():
+                        raise TransportTimeout("another process holds this mailbox")
             try:
                 seq = self._post(frame)
                 backoff = Backoff(self._poll, deadline)

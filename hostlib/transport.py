@@ -167,9 +167,10 @@ class Backoff:
         self._deadline = deadline
         self._spin_until = now + policy.spin
         self._next_sleep = policy.min_sleep
-        # a peer thread needs the GIL back at every poll (see PollPolicy)
-        self._interval = policy.yield_interval if threading.active_count() == 1 else 0.0
-        self._next_yield = now + self._interval
+        # The first pause yields and decides the interval: counting threads costs half a
+        # microsecond, which a round trip pays only while it waits, not before it posts.
+        self._interval = -1.0
+        self._next_yield = now
 
     def pause(self) -> bool:
         """Wait a little; False once the deadline has passed (nothing was waited)."""
@@ -178,6 +179,10 @@ class Backoff:
             return False
         if now < self._spin_until:
             if now >= self._next_yield:
+                if self._interval < 0:
+                    # a peer thread needs the GIL back at every poll (see PollPolicy)
+                    interval = self._policy.yield_interval
+                    self._interval = interval if threading.active_count() == 1 else 0.0
                 os.sched_yield()
                 self._next_yield = now + self._interval
             return True

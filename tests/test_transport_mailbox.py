@@ -841,7 +841,8 @@ def test_a_spinning_wait_yields_the_cpu_only_every_yield_interval(
     monkeypatch.setattr(threading, "active_count", lambda: 1)  # a single-threaded process
     policy = PollPolicy(spin=0.05, yield_interval=0.002)
     backoff = Backoff(policy, time.perf_counter() + 1)
-    pauses = 0
+    assert backoff.pause() and len(yields) == 1  # the first pause yields at once
+    pauses = 1
     start = time.perf_counter()
     while time.perf_counter() - start < 0.03:  # well inside the spin phase
         assert backoff.pause()
