@@ -78,7 +78,6 @@ REG_RSP_STATUS = 0x08C  # u32, MailboxStatus
 SEQ_MASK = (1 << 64) - 1
 
 _IDENT = struct.Struct("<4sHHQIIII")  # REG_SIGNATURE .. REG_FW_STATE
-_LEN_STATUS = struct.Struct("<II")
 
 _TSO_MACHINES = frozenset({"x86_64", "amd64", "i386", "i486", "i586", "i686", "x86"})
 
@@ -183,7 +182,7 @@ class SeqlockChannel:
     reader could catch the register at 0, an even "published" number (docs/mailbox.md).
     Call :meth:`release` before closing the mmap."""
 
-    __slots__ = ("_buf", "_len_off", "_mm", "_seq", "_seq_index", "capacity")
+    __slots__ = ("_buf", "_len_index", "_mm", "_seq", "_seq_index", "_u32", "capacity")
 
     def __init__(self, mm: mmap.mmap, regs: int, buf: int, capacity: int) -> None:
         if regs % 8:
@@ -191,13 +190,17 @@ class SeqlockChannel:
         self._mm = mm
         self._seq = memoryview(mm).cast("Q")  # native: little-endian on every TSO host
         self._seq_index = regs // 8
-        self._len_off = regs + 8
+        # length and status: two u32 stores through a view (cheaper than pack_into, which
+        # has to export the mmap's buffer on every call)
+        self._u32 = memoryview(mm).cast("I")
+        self._len_index = (regs + 8) // 4
         self._buf = buf
         self.capacity = capacity
 
     def release(self) -> None:
         """Drop this channel's view of the mapping (the mmap cannot close while it lives)."""
         self._seq.release()
+        self._u32.release()
 
     def seq(self) -> int:
         """The sequence register (one aligned 8-byte load)."""
@@ -217,10 +220,11 @@ class SeqlockChannel:
             )
         if seq & 1:
             raise ValueError(f"a published sequence number is even, got {seq}")
-        mm, q, i = self._mm, self._seq, self._seq_index
+        q, i, u, j = self._seq, self._seq_index, self._u32, self._len_index
         q[i] = (seq - 1) & SEQ_MASK  # 1. odd: being written
-        _LEN_STATUS.pack_into(mm, self._len_off, n, status)  # 2. length, status
-        mm[self._buf : self._buf + n] = payload  # 3. payload
+        u[j] = n  # 2. length, status
+        u[j + 1] = status
+        self._mm[self._buf : self._buf + n] = payload  # 3. payload
         q[i] = seq  # 4. even: published (last)
 
     def read(self) -> tuple[int, int, bytes] | None:
@@ -229,11 +233,11 @@ class SeqlockChannel:
 
         Raises FrameTooLarge, without copying the payload, if a stable length register
         exceeds the capacity."""
-        mm, q, i = self._mm, self._seq, self._seq_index
+        q, i, u, j = self._seq, self._seq_index, self._u32, self._len_index
         s1 = int(q[i])  # 1. sequence
         if s1 & 1:
             return None
-        n, status = _LEN_STATUS.unpack_from(mm, self._len_off)  # 2. length, status
+        n, status = u[j], u[j + 1]  # 2. length, status
         if n > self.capacity:
             if q[i] != s1:
                 return None  # a torn length, not a real one
@@ -242,7 +246,7 @@ class SeqlockChannel:
                 length=n,
                 capacity=self.capacity,
             )
-        data = mm[self._buf : self._buf + n]  # 3. payload
+        data = self._mm[self._buf : self._buf + n]  # 3. payload
         if q[i] != s1:  # 4. sequence again
             return None
         return s1, int(status), data
