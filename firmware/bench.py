@@ -408,12 +408,16 @@ def bench_mailbox(quick: bool) -> dict[str, Any]:
     """The firmware as it runs: ``slicefab serve`` in its own process; VMs in others.
 
     * authenticated no-op round trip over vm-0's shared-memory mailbox vs vm-1's Unix
-      socket (``serve --vm-sockets``: the same pipeline), alternating blocks in one run;
+      socket (``serve --vm-sockets``: the same pipeline), alternating blocks in one run,
+      with a third block through hostlib's :class:`~hostlib.client.Device` on vm-2's
+      mailbox (the wire's cost plus the library's own checks: what a VM program sees);
     * allocate+free pairs per second from 4 VM processes on their own mailboxes, with the
       daemon at each durability level (``--durability power``, the default: one fsync per
       group commit; ``crash``: none), one after the other on the same state directory.
     """
     from firmware.mailboxes import default_mailbox, socket_path
+    from hostlib.client import Device
+    from hostlib.credentials import Credential
     from hostlib.mailbox import MailboxClient
     from hostlib.socket_transport import SocketClient
 
@@ -432,18 +436,28 @@ def bench_mailbox(quick: bool) -> dict[str, Any]:
         with _daemon(tmp, "--vm-sockets"):
             shm = _BenchVm("vm-0", creds[0].key, MailboxClient(Path(creds[0].mailbox)))
             sock = _BenchVm("vm-1", creds[1].key, SocketClient(socket_path(Path(creds[1].mailbox))))
+            # what a VM's program sees: hostlib's blocking client on its own mailbox
+            c2 = creds[2]
+            device = Device.open(Credential(c2.vm, c2.key, c2.mailbox), mailbox=c2.mailbox)
             shm_lat: list[float] = []
             sock_lat: list[float] = []
-            for _ in range(20):  # alternate blocks so machine noise hits both alike
-                for client, lat in ((shm, shm_lat), (sock, sock_lat)):
+            device_lat: list[float] = []
+            calls: tuple[tuple[Callable[[], object], list[float]], ...] = (
+                (lambda: shm.call("NOP", {"data": b""}), shm_lat),
+                (lambda: sock.call("NOP", {"data": b""}), sock_lat),
+                (lambda: device.nop(b""), device_lat),
+            )
+            for _ in range(20):  # alternate blocks so machine noise hits all alike
+                for call, lat in calls:
                     for _ in range(n // 20):
                         t0 = time.perf_counter()
-                        client.call("NOP", {"data": b""})
+                        call()
                         lat.append((time.perf_counter() - t0) * 1e6)
             shm.transport.close()
             sock.transport.close()
-            shm_lat.sort()
-            sock_lat.sort()
+            device.close()
+            for lat in (shm_lat, sock_lat, device_lat):
+                lat.sort()
             power = _pairs_per_s(creds, pairs_per_vm)
         with _daemon(tmp, "--durability", "crash"):
             crash = _pairs_per_s(creds, pairs_per_vm)
@@ -455,6 +469,8 @@ def bench_mailbox(quick: bool) -> dict[str, Any]:
         "socket_noop_rtt_p50_us": round(sock_p50, 1),
         "socket_noop_rtt_p99_us": round(percentile(sock_lat, 0.99), 1),
         "ratio_shm_vs_socket_p50": round(shm_p50 / sock_p50, 2),
+        "hostlib_device_noop_rtt_p50_us": round(percentile(device_lat, 0.5), 1),
+        "ratio_device_vs_shm_p50": round(percentile(device_lat, 0.5) / shm_p50, 2),
         "target_shm_rtt_p50_us_max": 50,
         "vm_processes": len(creds),
         "alloc_free_pairs_each_run": pairs_per_vm * len(creds),

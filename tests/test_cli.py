@@ -297,6 +297,8 @@ def test_bench_mailbox_prints_named_figures() -> None:
         "shm_noop_rtt_p50_us",
         "socket_noop_rtt_p50_us",
         "ratio_shm_vs_socket_p50",
+        "hostlib_device_noop_rtt_p50_us",
+        "ratio_device_vs_shm_p50",
         "alloc_free_pairs_per_s",
         "alloc_free_pairs_per_s_durability_crash",
         "ratio_crash_vs_power",

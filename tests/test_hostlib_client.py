@@ -66,7 +66,7 @@ from hostlib import (
     TransportTimeout,
 )
 from hostlib.client import Extent, LaneGroup, QoS
-from hostlib.mailbox import MailboxServer, create_mailbox
+from hostlib.mailbox import MailboxClient, MailboxServer, create_mailbox
 
 VM = "vm-a"
 KEY = bytes(range(32))
@@ -855,6 +855,97 @@ def test_device_is_usable_from_several_threads(fw: StandInFirmware, cred: Creden
     assert sorted(results) == sorted(bytes([i, j]) for i in range(4) for j in range(5))
     seqs = [s for n, s, _ in fw.log if n == "NOP"]
     assert seqs == sorted(seqs) and len(set(seqs)) == 20
+
+
+def test_device_calls_over_a_mailbox_never_run_the_event_loop(
+    fw: StandInFirmware, cred: Credential, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The mailbox can block: a call is stepped by hand, its round trip is the blocking
+    request, and the event loop (a pass per call and per poll) stays out of it."""
+    with Device.open(cred, mailbox=cred.mailbox) as dev:
+
+        def no_loop(*args: Any) -> Any:
+            raise AssertionError("the event loop ran")
+
+        monkeypatch.setattr(dev._loop, "run_until_complete", no_loop)
+        assert dev.nop(b"direct") == b"direct"
+        s = dev.allocate(cores=1, request_id="direct-1")
+        with pytest.raises(NotFound):  # a device error comes out of the stepped call too
+            dev.free(s.id + 1000)
+        assert dev.free(s.id).state == "freed"
+        monkeypatch.undo()
+
+
+class _AsyncOnly:
+    """A transport that cannot block: only ``arequest``."""
+
+    def __init__(self, inner: MailboxClient) -> None:
+        self.inner = inner
+
+    async def arequest(self, frame: bytes, timeout: float) -> bytes:
+        return await self.inner.arequest(frame, timeout)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def test_device_over_a_transport_that_cannot_block_runs_on_its_loop(
+    fw: StandInFirmware, cred: Credential
+) -> None:
+    transport = _AsyncOnly(MailboxClient(fw.path))
+    try:
+        with Device.open(cred, transport=transport) as dev:
+            assert dev.client._blocking is None
+            assert dev.nop(b"loop") == b"loop"
+    finally:
+        transport.close()
+
+
+def test_a_device_call_that_suspends_after_all_is_finished_by_the_loop(
+    fw: StandInFirmware, cred: Credential
+) -> None:
+    with Device.open(cred, mailbox=cred.mailbox) as dev:
+        assert dev.client._blocking is not None
+
+        async def suspends(fail: bool) -> str:
+            before = await dev.client.nop(b"a")  # stepped by hand, like every call
+            await asyncio.sleep(0)  # a real suspension: only a loop can go on from here
+            after = await dev.client.nop(b"b")
+            if fail:
+                raise ValueError("after the suspension")
+            return (before + after).decode()
+
+        async def catches() -> str:
+            fut = asyncio.get_running_loop().create_future()
+            asyncio.get_running_loop().call_soon(fut.set_exception, KeyError("k"))
+            try:
+                await fut  # the loop throws the failure into the coroutine
+            except KeyError:
+                return "caught"
+            return "missed"
+
+        async def first_suspends() -> str:
+            await asyncio.sleep(0)
+            return await catches()
+
+        assert dev._run(lambda: suspends(False)) == "ab"
+        with pytest.raises(ValueError, match="after the suspension"):
+            dev._run(lambda: suspends(True))
+        assert dev._run(first_suspends) == "caught"
+        assert dev.nop(b"c") == b"c"  # and the next call is stepped again
+
+
+def test_device_refuses_a_call_from_a_running_event_loop(
+    fw: StandInFirmware, cred: Credential
+) -> None:
+    with Device.open(cred, mailbox=cred.mailbox) as dev:
+
+        async def inside() -> bytes:
+            return dev.nop(b"x")
+
+        with pytest.raises(RuntimeError, match="running event loop"):
+            asyncio.run(inside())
+        assert dev.nop(b"y") == b"y"
 
 
 def test_device_open_finds_the_host_file_from_a_credential_file(
