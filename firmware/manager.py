@@ -48,6 +48,7 @@ from firmware.ledger import (
     DeleteRequest,
     DeleteSlice,
     Durability,
+    Durable,
     Ledger,
     PutRequest,
     PutSlice,
@@ -185,7 +186,7 @@ class ResourceManager:
                 caller=caller,
                 owner=spec.owner,
             )
-        req = self._request(caller, request_id, "allocate", spec.to_dict())
+        req = self._request(caller, request_id, "allocate", spec.to_dict)
         if (earlier := self._start(req)) is not None:
             return earlier.done.result()  # the first execution's outcome, once finished
         try:
@@ -194,8 +195,7 @@ class ResourceManager:
                     self.vm_hook.admit(spec.owner, None, spec)
                 s = self.allocator.allocate(spec)
                 response = self._view(s, SliceState.ACTIVE)
-                record = PutSlice(s.id, s.owner, spec.to_dict(), s.alloc.to_dict())
-                durable = self._submit(req, [record], response)
+                durable = self._submit(req, [_put_slice(s, response)], response)
             self._await_durable(durable)
             try:
                 self._sync_fabric()
@@ -226,7 +226,9 @@ class ResourceManager:
         is not at stake): the error says that too, the crossbar and the VM get it at the
         next successful reconfiguration, and a retry with the same request id executes
         again."""
-        req = self._request(caller, request_id, "resize", {"slice": slice_id, **rs.to_dict()})
+        req = self._request(
+            caller, request_id, "resize", lambda: {"slice": slice_id, **rs.to_dict()}
+        )
         if (earlier := self._start(req)) is not None:
             return earlier.done.result()
         try:
@@ -243,8 +245,7 @@ class ResourceManager:
                 undo = _resize_back(s.spec, rs)
                 self.allocator.resize(slice_id, rs)
                 response = self._view(s, SliceState.ACTIVE)
-                record = PutSlice(s.id, s.owner, s.spec.to_dict(), s.alloc.to_dict())
-                durable = self._submit(req, [record], response)
+                durable = self._submit(req, [_put_slice(s, response)], response)
             self._await_durable(durable)
             try:
                 self._sync_fabric()
@@ -266,7 +267,7 @@ class ResourceManager:
         release queued to the ledger in the same step, so no unit is ever reachable by two
         VMs and the ledger never holds one unit twice. If the crossbar refuses, the slice is
         left in ``error`` with its units quarantined; freeing it again retries."""
-        req = self._request(caller, request_id, "free", {"slice": slice_id})
+        req = self._request(caller, request_id, "free", lambda: {"slice": slice_id})
         if (earlier := self._start(req)) is not None:
             return earlier.done.result()
         try:
@@ -397,8 +398,14 @@ class ResourceManager:
         return s
 
     def _request(
-        self, caller: str | None, request_id: str | None, op: str, params: dict[str, Any]
+        self,
+        caller: str | None,
+        request_id: str | None,
+        op: str,
+        params: Callable[[], dict[str, Any]],
     ) -> _Request:
+        """The call's request-id scope, id and parameter digest (``params()`` is called
+        only when there is an id to match a retry against)."""
         if request_id is not None and (
             not isinstance(request_id, str) or not 0 < len(request_id) <= REQUEST_ID_MAX
         ):
@@ -407,7 +414,7 @@ class ResourceManager:
         digest = (
             ""
             if request_id is None
-            else hashlib.sha256(json.dumps([op, params], sort_keys=True).encode()).hexdigest()
+            else hashlib.sha256(json.dumps([op, params()], sort_keys=True).encode()).hexdigest()
         )
         who = _ADMIN_SCOPE if caller is None else caller  # request ids are scoped by caller
         return _Request(who, request_id, digest)
@@ -459,7 +466,7 @@ class ResourceManager:
 
     def _submit(
         self, req: _Request, records: list[Record], response: dict[str, Any]
-    ) -> Future[None]:
+    ) -> Durable:
         """Queue the change (and the request's result) for the ledger. Lock held. A ledger
         that refuses is fatal (fail-stop): memory is now ahead of the disk."""
         if req.request_id is not None:
@@ -471,7 +478,7 @@ class ResourceManager:
             self._fail(e)
             raise
 
-    def _await_durable(self, durable: Future[None]) -> None:
+    def _await_durable(self, durable: Durable) -> None:
         try:
             self.ledger.wait(durable)
         except Exception as e:
@@ -613,6 +620,13 @@ class ResourceManager:
         self.vms.close()
         self.usage.close()
         self.ledger.close()
+
+
+def _put_slice(s: Slice, view: dict[str, Any]) -> PutSlice:
+    """The ledger record of ``s``, sharing the spec and allocation dicts of its ``view``
+    (``Slice.to_dict``: the same canonical forms) instead of building them again. Nothing
+    changes them: the ledger serialises the record before the view is returned."""
+    return PutSlice(s.id, s.owner, view["spec"], view["alloc"])
 
 
 def _resize_back(spec: SliceSpec, rs: ResizeSpec) -> ResizeSpec:

@@ -9,7 +9,15 @@ from pathlib import Path
 import pytest
 
 from firmware.errors import LedgerError
-from firmware.ledger import DeleteSlice, Durability, Ledger, PutMeta, PutRequest, PutSlice
+from firmware.ledger import (
+    DeleteSlice,
+    Durability,
+    Durable,
+    Ledger,
+    PutMeta,
+    PutRequest,
+    PutSlice,
+)
 
 
 def test_writes_are_visible_to_a_second_connection(tmp_path: Path) -> None:
@@ -120,3 +128,71 @@ def test_schema_1_ledger_is_migrated(tmp_path: Path) -> None:
     db.close()
     with pytest.raises(LedgerError, match="schema 99"):
         Ledger(tmp_path / "l.sqlite", "dev1")
+
+
+def _committed_meta(path: Path, key: str) -> str | None:
+    """What a second connection sees committed."""
+    db = sqlite3.connect(path)
+    try:
+        row = db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+    finally:
+        db.close()
+    return None if row is None else str(row[0])
+
+
+def test_a_write_nobody_waits_for_rides_with_the_next_commit(tmp_path: Path) -> None:
+    """Queuing wakes nobody (no writer thread): a write becomes durable when some caller
+    waits, in the same transaction as that caller's, FIFO; close() commits the rest."""
+    led = Ledger(tmp_path / "l.sqlite", "dev1")
+    first = led.submit([PutMeta("a", "1")])
+    assert not first.done()
+    assert _committed_meta(tmp_path / "l.sqlite", "a") is None
+    led.write([PutMeta("b", "2")])  # its leader takes the whole queue
+    assert first.done() and led.batches == 1 and led.records == 2
+    assert _committed_meta(tmp_path / "l.sqlite", "a") == "1"
+    led.wait(first)  # done already: returns at once, commits nothing
+    assert led.batches == 1
+    last = led.submit([PutMeta("c", "3")])
+    led.close()
+    assert last.done()
+    assert _committed_meta(tmp_path / "l.sqlite", "c") == "3"
+
+
+def test_waiters_behind_a_commit_in_progress_share_the_next_one(tmp_path: Path) -> None:
+    """While a leader commits, callers queue and wait; the first to get the commit lock
+    commits them all in one transaction, and the others find theirs done."""
+    led = Ledger(tmp_path / "l.sqlite", "dev1")
+    in_commit, release = threading.Event(), threading.Event()
+    calls = 0
+
+    def stall() -> list[PutMeta]:  # runs inside the leader's transaction
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            in_commit.set()
+            assert release.wait(10)
+        return []
+
+    led.precommit.append(stall)
+    leader = threading.Thread(target=led.write, args=([PutMeta("lead", "1")],))
+    leader.start()
+    assert in_commit.wait(10)
+    followers = [
+        threading.Thread(target=led.write, args=([PutMeta(f"f{i}", "1")],)) for i in range(4)
+    ]
+    for t in followers:
+        t.start()
+    while len(led._queued) < 4:  # white-box: every follower has queued its write
+        threading.Event().wait(0.001)
+    release.set()
+    for t in [leader, *followers]:
+        t.join(10)
+        assert not t.is_alive()
+    assert (led.batches, led.records) == (2, 5)
+    led.close()
+
+
+def test_a_write_that_was_never_committed_does_not_read_as_durable() -> None:
+    d = Durable()
+    with pytest.raises(LedgerError, match="never committed"):
+        d.result()
