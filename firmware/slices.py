@@ -144,6 +144,16 @@ class SliceSpec:
     def from_dict(cls, data: object, *, request: bool = True) -> SliceSpec:
         """Parse and validate a spec. Raises :class:`RequestError` (``request=True``) or
         :class:`ConfigError` (a slice file) naming the field, the limit and what was expected."""
+        if type(data) is dict and cls is SliceSpec:
+            spec = _plain_spec(data)  # the usual request, accepted in a few microseconds
+            if spec is not None:
+                return spec
+        return cls.parse(data, request=request)
+
+    @classmethod
+    def parse(cls, data: object, *, request: bool = True) -> SliceSpec:
+        """:meth:`from_dict` field by field, for any input: what decides and words every
+        error, and the reference :func:`_plain_spec` is held to (tests/test_slices.py)."""
         t = Table(data, "", request=request)
         owner = t.text("owner")
         if not OWNER_RE.fullmatch(owner):
@@ -259,6 +269,108 @@ class SliceSpec:
             "maximum": self.qos.max_mbps,
         }
         return d
+
+
+_SPEC_KEYS = frozenset({"owner", "name", "cores", "memory", "lanes", "key", "ports", "qos"})
+_CORE_KEYS = frozenset({"count", "same_cluster"})
+_MEMORY_KEYS = frozenset({"size", "contiguous"})
+_LANE_KEYS = frozenset({"width", "endpoint", "first"})
+_QOS_KEYS = frozenset({"priority", "guaranteed", "maximum"})
+_WIDTHS = frozenset({1, 2, 4, 8, 16})
+_NO_QOS = QoS()
+
+
+def _plain_spec(d: dict[str, Any]) -> SliceSpec | None:
+    """The spec of a request that :meth:`SliceSpec.parse` accepts, in plain form (every
+    number an ``int`` in the base unit, no core ids: what the API and ``to_dict`` give),
+    checked by the same rules with a few type tests instead of a :class:`Table` per
+    field; None for anything else, which ``parse`` then accepts or refuses, naming the
+    field. It returns a spec only where ``parse`` returns the equal spec (a differential
+    test holds the two together): a profile of allocate+free had ``parse`` at 7 % of the
+    firmware's time per pair."""
+    if not d.keys() <= _SPEC_KEYS:
+        return None
+    owner = d.get("owner")
+    if type(owner) is not str or not OWNER_RE.fullmatch(owner):
+        return None
+    name = d.get("name", "")
+    ports = d.get("ports", 1)
+    if (
+        type(name) is not str
+        or len(name) > 64
+        or type(ports) is not int
+        or not 0 <= ports <= MAX_PORTS_PER_SLICE
+    ):
+        return None
+    cores = memory = lanes = None
+    if "cores" in d:
+        c = d["cores"]
+        if type(c) is not dict or not c.keys() <= _CORE_KEYS:
+            return None  # core ids, or not plain: parse decides
+        count = c.get("count")
+        same = c.get("same_cluster", False)
+        if (
+            type(count) is not int
+            or not 1 <= count <= MAX_CORES_PER_SLICE
+            or type(same) is not bool
+        ):
+            return None
+        cores = CoreRequest(count, None, same)
+    if "memory" in d:
+        m = d["memory"]
+        if type(m) is not dict or not m.keys() <= _MEMORY_KEYS:
+            return None
+        size = m.get("size")
+        contiguous = m.get("contiguous", False)
+        if type(size) is not int or size <= 0 or type(contiguous) is not bool:
+            return None
+        memory = MemoryRequest(size, contiguous)
+    if "lanes" in d:
+        ln = d["lanes"]
+        if type(ln) is not dict or not ln.keys() <= _LANE_KEYS:
+            return None
+        width = ln.get("width")
+        endpoint = ln.get("endpoint")
+        first = ln.get("first")
+        if (
+            type(width) is not int
+            or width not in _WIDTHS
+            or ("endpoint" in ln and (type(endpoint) is not str or not endpoint.strip()))
+            or ("first" in ln and (type(first) is not int or not 0 <= first <= 255))
+            or (endpoint is not None and first is not None)
+        ):
+            return None
+        lanes = LaneRequest(width, endpoint, first)
+    if cores is None and memory is None and lanes is None:
+        return None
+    key = d.get("key")
+    if key is not None and not (type(key) is str and key == "auto"):
+        if type(key) is not int or not 0 <= key <= 15:
+            return None
+    else:
+        key = None
+    qos = _NO_QOS
+    if "qos" in d:
+        q = d["qos"]
+        if type(q) is not dict or not q.keys() <= _QOS_KEYS:
+            return None
+        priority = q.get("priority", 0)
+        guaranteed = q.get("guaranteed", 0)
+        maximum = q.get("maximum", 0)
+        if (
+            type(priority) is not int
+            or not 0 <= priority <= MAX_PRIORITY
+            or type(guaranteed) is not int
+            or type(maximum) is not int
+            or guaranteed < 0
+            or maximum < 0
+            or (maximum and guaranteed > maximum)
+            or ((guaranteed or maximum) and ports == 0)
+        ):
+            return None
+        if priority or guaranteed or maximum:  # else the default, shared (QoS is frozen)
+            qos = QoS(priority, guaranteed, maximum)
+    return SliceSpec(owner, name, cores, memory, lanes, key, ports, qos)
 
 
 @dataclass(frozen=True)
@@ -406,7 +518,7 @@ class Slice:
             "id": self.id,
             "owner": self.owner,
             "name": self.spec.name,
-            "state": self.state.value,
+            "state": self.state._value_,  # .value is a Python-level property: slower
             "spec": self.spec.to_dict(),
             "alloc": self.alloc.to_dict(),
             "memory": format_size(self.alloc.granules * granule_bytes),

@@ -26,6 +26,7 @@ from firmware.slices import (
     Slice,
     SliceSpec,
     SliceState,
+    _plain_spec,
     check_transition,
 )
 from firmware.units import GiB, MiB
@@ -344,6 +345,136 @@ def test_decimal_quantities_are_scaled() -> None:
     )
     assert spec.memory == MemoryRequest(3 * GiB // 2)
     assert spec.qos.guaranteed_mbps == 2500
+
+
+# ---------------------------------------------------------------- the plain-request path
+
+# Values that sit on or across the edge of some rule, for any field: every type the JSON
+# and TOML readers produce, bools (which are ints to Python), subclasses of str and int,
+# and the bounds of each range.
+
+
+class _Str(str):
+    pass
+
+
+class _Int(int):
+    pass
+
+
+ODD_VALUES: list[Any] = [
+    None, True, False, 0, 1, -1, 2, 3, 4, 7, 8, 15, 16, 17, 64, 65, 255, 256, 4096, 4097,
+    2 * MiB, 2.0, "1", "auto", "AUTO", "", " ", "vm-a", "nvme0", "2 MiB", [], [1], {},
+    {"count": 1}, _Str("auto"), _Str("vm-a"), _Int(1), _Int(16), "n" * 64, "n" * 65,
+]  # fmt: skip
+SPEC_FIELDS = {
+    "": ["owner", "name", "cores", "memory", "lanes", "key", "ports", "qos", "gpus"],
+    "cores": ["count", "same_cluster", "ids", "cluster"],
+    "memory": ["size", "contiguous", "granules"],
+    "lanes": ["width", "endpoint", "first", "port"],
+    "qos": ["priority", "guaranteed", "maximum", "burst"],
+}
+
+
+#: plain requests (the API's form) that between them hold every field of a spec
+PLAIN_BASES: list[dict[str, Any]] = [
+    {"owner": "vm-a", "ports": 2, "name": "web", "cores": {"count": 4, "same_cluster": True},
+     "memory": {"size": 4 * MiB, "contiguous": True}, "lanes": {"width": 4}, "key": 3,
+     "qos": {"priority": 5, "guaranteed": 1000, "maximum": 5000}},
+    {"owner": "vm-b", "ports": 1, "lanes": {"width": 2, "endpoint": "nvme0"}, "key": "auto",
+     "qos": {"priority": 0, "guaranteed": 0, "maximum": 0}},
+    {"owner": "vm-c", "ports": 0, "lanes": {"width": 8, "first": 8},
+     "qos": {"priority": 7, "guaranteed": 0, "maximum": 0}},
+    {"owner": "v", "cores": {"count": 1}, "memory": {"size": 2 * MiB}},
+]  # fmt: skip
+
+
+def _single_edits() -> list[dict[str, Any]]:
+    """Every base with one field (known or not) set to each odd value, or removed."""
+    out: list[dict[str, Any]] = []
+    for base in PLAIN_BASES:
+        for table, keys in SPEC_FIELDS.items():
+            for key in keys:
+                for value in [*ODD_VALUES, _MISSING]:
+                    d = json.loads(json.dumps(base))
+                    target = d if not table else d.setdefault(table, {})
+                    if value is _MISSING:
+                        target.pop(key, None)
+                    else:
+                        target[key] = value
+                    out.append(d)
+    return out
+
+
+_MISSING = object()
+
+
+@st.composite
+def near_plain_spec_dicts(draw: st.DrawFn) -> dict[str, Any]:
+    """A plain request, then up to three edits as in ``_single_edits``."""
+    spec = SliceSpec.from_dict(draw(valid_spec_dicts()))
+    d = json.loads(json.dumps(spec.to_dict()))  # plain: every number an int
+    for _ in range(draw(st.integers(1, 3))):
+        table = draw(st.sampled_from(sorted(SPEC_FIELDS)))
+        target = d if not table else d.setdefault(table, {})
+        if not isinstance(target, dict):  # an earlier edit made the table a value
+            continue
+        key = draw(st.sampled_from(SPEC_FIELDS[table]))
+        if draw(st.integers(0, 4)) == 0:
+            target.pop(key, None)
+        else:
+            target[key] = draw(st.sampled_from(ODD_VALUES))
+    return d
+
+
+def _outcome(parse: Any, data: object) -> tuple[str, Any]:
+    try:
+        return ("spec", parse(data))
+    except (RequestError, ConfigError) as e:
+        return (type(e).__name__, (e.message, e.details))
+
+
+def _assert_same_outcome(d: dict[str, Any], request: bool) -> None:
+    fast = _outcome(lambda x: SliceSpec.from_dict(x, request=request), d)
+    assert fast == _outcome(lambda x: SliceSpec.parse(x, request=request), d), d
+    plain = _plain_spec(d)
+    if plain is not None:
+        assert fast == ("spec", plain), d
+
+
+def test_the_plain_request_path_decides_as_the_field_by_field_parser() -> None:
+    """from_dict's plain-request path (``_plain_spec``) may only take a spec that
+    ``parse`` accepts, and must then give the same spec; everything else goes to
+    ``parse``, so the two always give the same outcome, the same error included. Every
+    single edit of every base, each way of reporting."""
+    edits = _single_edits()
+    taken = 0
+    for d in edits:
+        for request in (True, False):
+            _assert_same_outcome(d, request)
+        taken += _plain_spec(d) is not None
+    assert 0 < taken < len(edits)  # the path took some and left some
+
+
+@settings(max_examples=200, deadline=None)
+@given(near_plain_spec_dicts(), st.booleans())
+def test_the_plain_request_path_decides_as_the_parser_after_several_edits(
+    d: dict[str, Any], request: bool
+) -> None:
+    _assert_same_outcome(d, request)
+
+
+@settings(max_examples=300, deadline=None)
+@given(valid_spec_dicts())
+def test_the_plain_request_path_takes_every_plain_request(d: dict[str, Any]) -> None:
+    """Every valid spec in plain form but one naming core ids goes the quick way (so the
+    differential test above compares the path on the requests it serves)."""
+    spec = SliceSpec.parse(d)
+    plain = json.loads(json.dumps(spec.to_dict()))
+    if spec.cores is not None and spec.cores.ids is not None:
+        assert _plain_spec(plain) is None
+    else:
+        assert _plain_spec(plain) == spec
 
 
 # ---------------------------------------------------------------- slice files
