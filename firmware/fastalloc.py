@@ -418,16 +418,15 @@ class CAllocator(Allocator):
         if self._l.sf_alloc_demand(self._state, buf, len(self._demand), changed, self._err):
             raise _disagree(self._err, "the port demand")
         mask = int(changed[0])
-        if mask:
-            names, demand = self._owner_names, self._demand
-            for p in range(len(demand)):
-                if mask >> p & 1:
-                    d = buf[p]
-                    owner = None if d.owner < 0 else names[d.owner]
-                    demand[p] = PortDemand(
-                        owner, d.priority, d.guaranteed_mbps, d.limit_mbps, d.keys
-                    )
-        return list(self._demand)
+        names, demand = self._owner_names, self._demand
+        while mask:  # only the ports C marked (usually one or two of them)
+            low = mask & -mask
+            mask ^= low
+            p = low.bit_length() - 1
+            d = buf[p]
+            owner = None if d.owner < 0 else names[d.owner]
+            demand[p] = PortDemand(owner, d.priority, d.guaranteed_mbps, d.limit_mbps, d.keys)
+        return list(demand)
 
     def _port_state(self, port: int) -> Any:
         st = self._ffi.new("sf_port_state *")

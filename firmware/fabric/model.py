@@ -247,6 +247,9 @@ class _InputPort:
     transfer: _Transfer | None = None
     tokens: int = 0
     counters: dict[int, int] = field(default_factory=lambda: dict.fromkeys(_COUNTERS, 0))
+    #: ``active`` was decoded from ``shadow`` as it is now (no shadow write since): a
+    #: commit then has nothing to decode for this port, only its generation to take
+    current: bool = False
 
     def count(self, offset: int) -> None:
         """Increment the counter at ``offset``, wrapping at its width."""
@@ -263,6 +266,7 @@ class _InputPort:
         self.active = _decode_shadow(tuple([regs[o] for o in _SHADOW]))
         self.active_gen = generation
         self.staged = None
+        self.current = regs is self.shadow
         # The bucket keeps its tokens; the next refill caps them at the new burst.
 
 
@@ -339,6 +343,13 @@ class CrossbarModel:
             for _ in range(n_ports)
         ]
         self._outputs = [_OutputArbiter(last=n_ports - 1) for _ in range(n_ports)]
+        #: each shadow register's address -> (port, offset, mask of its writable fields):
+        #: what _decode and _SHADOW say of it, found once (a reconfiguration writes several)
+        self._shadow_at = {
+            port_reg(p, offset): (p, offset, mask)
+            for p in range(n_ports)
+            for offset, (_reset, mask) in _SHADOW.items()
+        }
         self._committed = 0
         self._cycle = 0
         self._next_seq = 0
@@ -423,6 +434,11 @@ class CrossbarModel:
         registers, values beyond 32 bits, and PERM/KEYS bits of outputs/keys the instance
         does not have.
         """
+        self._write(addr, value)
+
+    def _write(self, addr: int, value: int) -> tuple[int, int, int] | None:
+        """:meth:`write`; returns ``(port, offset, value as stored)`` when it wrote a
+        shadow register, None for a global one (for a subclass that mirrors the shadow)."""
         if not 0 <= value <= _WORD_MASK:
             raise FabricError(
                 f"write of {value:#x} to {addr:#06x}: not a {REGISTER_WIDTH}-bit value",
@@ -430,20 +446,25 @@ class CrossbarModel:
                 value=value,
                 limit=_WORD_MASK,
             )
-        port, offset = self._decode(addr, "write")
-        if port is None:
+        shadow = self._shadow_at.get(addr)
+        if shadow is None:  # not a shadow register of an existing port
+            decoded, offset = self._decode(addr, "write")  # raises for a bad address
+            if decoded is not None:
+                raise self._read_only(addr, PORT_REGISTERS[offset], decoded)
             if offset != CTRL_OFFSET:
                 raise self._read_only(addr, GLOBAL_REGISTERS[offset], None)
             if value & CTRL_CLEAR_COUNTERS_MASK:
                 self._clear_counters()
             if value & CTRL_COMMIT_MASK:
                 self._commit()
-            return
-        if offset not in _SHADOW:
-            raise self._read_only(addr, PORT_REGISTERS[offset], port)
-        value &= _SHADOW[offset][1]
+            return None
+        port, offset, mask = shadow
+        value &= mask
         self._check_existing_bits(port, offset, value)
-        self._inputs[port].shadow[offset] = value
+        state = self._inputs[port]
+        state.shadow[offset] = value
+        state.current = False
+        return port, offset, value
 
     def _decode(self, addr: int, access: str) -> tuple[int | None, int]:
         """(port or None for a global register, offset) of a mapped, existing register."""
@@ -503,6 +524,8 @@ class CrossbarModel:
             bits = _get(value, PORT_KEYS_MASK_MASK, PORT_KEYS_MASK_LSB)
         else:
             return
+        if first + bits.bit_length() <= limit:  # no bit at or above the limit (hot path)
+            return
         missing = [first + b for b in range(bits.bit_length()) if bits >> b & 1]
         missing = [unit for unit in missing if unit >= limit]
         if missing:
@@ -545,7 +568,11 @@ class CrossbarModel:
         self._committed = gen = (self._committed + 1) % _GEN_MODULUS
         for port in self._inputs:
             if port.transfer is None:  # adopt at once, with no staged copy in between
-                port.run(port.shadow, gen)
+                if port.current:  # what it runs is its shadow already: no decode (hot path)
+                    port.active_gen = gen
+                    port.staged = None
+                else:
+                    port.run(port.shadow, gen)
             else:
                 port.staged = dict(port.shadow)
                 port.staged_gen = gen
@@ -582,6 +609,7 @@ class CrossbarModel:
             port.active = _decode_shadow(tuple(values["committed"][o] for o in _SHADOW))
             port.active_gen = generation
             port.staged = None
+            port.current = False
         self._committed = generation
 
     def _pending(self) -> bool:

@@ -164,7 +164,11 @@ class RegisterFile:
     def store_shadow(self, addr: int, value: int) -> None:
         where = self.decode(addr)
         assert where is not None, f"{addr:#x} is not a shadow register"
-        self._w[self._shadow_index(*where)] = value
+        self.store_port_shadow(*where, value)
+
+    def store_port_shadow(self, port: int, offset: int, value: int) -> None:
+        """Store shadow register ``offset`` of ``port`` (already decoded)."""
+        self._w[_HEADER_WORDS + port * _N_SHADOW + _SLOT[offset]] = value
 
     def store_commit(self, generation: int) -> None:
         """Commit the shadow registers as ``generation``: the shadow area is copied into
@@ -193,12 +197,11 @@ class PersistentCrossbar(CrossbarModel):
         )
 
     def write(self, addr: int, value: int) -> None:
-        super().write(addr, value)  # raises before anything is stored for a bad access
-        if RegisterFile.decode(addr) is not None:
-            self.regfile.store_shadow(addr, self.read(addr))  # the value as masked
+        stored = self._write(addr, value)  # raises before anything is stored for a bad access
+        if stored is not None:  # a shadow register: (port, offset, the value as masked)
+            self.regfile.store_port_shadow(*stored)
         elif addr == rm.CTRL_OFFSET and value & rm.CTRL_COMMIT_MASK:
-            gen = (self.read(rm.GEN_OFFSET) & rm.GEN_COMMITTED_MASK) >> rm.GEN_COMMITTED_LSB
-            self.regfile.store_commit(gen)  # the file's shadow is the model's, word for word
+            self.regfile.store_commit(self._committed)  # the file's shadow is the model's
 
     def close(self) -> None:
         self.regfile.close()
