@@ -98,7 +98,7 @@ def _struct(con: lay.Struct) -> tuple[Parser, Builder]:
         return obj, pos
 
     def build(v: Any, out: bytearray, scope: Scope) -> Any:
-        if not isinstance(v, Mapping) or v.keys() != public:
+        if not (type(v) is dict or isinstance(v, Mapping)) or v.keys() != public:
             raise Fail
         inner: Scope = dict(v)
         inner["_"] = scope
@@ -236,7 +236,7 @@ def _flags(con: lay.Flags) -> tuple[Parser, Builder]:
         return out, end
 
     def build(v: Any, out: bytearray, scope: Scope) -> Any:
-        if not isinstance(v, Mapping) or v.keys() != names:
+        if not (type(v) is dict or isinstance(v, Mapping)) or v.keys() != names:
             raise Fail
         value = 0
         for bit, name in bits:
@@ -276,7 +276,7 @@ def _list(con: lay.List) -> tuple[Parser, Builder]:
         return items, pos
 
     def build(v: Any, out: bytearray, scope: Scope) -> Any:
-        if not isinstance(v, list | tuple) or len(v) > limit:
+        if not (type(v) is list or isinstance(v, list | tuple)) or len(v) > limit:
             raise Fail
         if prefix:
             out += len(v).to_bytes(prefix, "little")

@@ -546,7 +546,7 @@ def reserved(size: int) -> cs.Construct[Any, Any]:
 def get(obj: object, key: str) -> Any:
     """``obj[key]`` if ``obj`` is a mapping, else None (for :func:`derived` functions,
     which run before the nested struct checks its value)."""
-    return obj.get(key) if isinstance(obj, Mapping) else None
+    return obj.get(key) if type(obj) is dict or isinstance(obj, Mapping) else None
 
 
 def count(obj: object) -> int:
