@@ -43,12 +43,8 @@ except SlicefabError:  # pragma: no cover - CI installs etcd-server via .ci/apt-
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalEtcd]:
-    c = LocalEtcd(tmp_path_factory.mktemp("etcd"), 3)
-    c.start()
-    try:
+    with LocalEtcd(tmp_path_factory.mktemp("etcd"), 3) as c:
         yield c
-    finally:
-        c.stop()
 
 
 @pytest.fixture

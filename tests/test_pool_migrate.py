@@ -263,12 +263,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
 
     if not _etcd_available():
         pytest.skip("etcd-server is not installed")
-    c = LocalEtcd(tmp_path_factory.mktemp("etcd"), 1)
-    c.start()
-    try:
+    with LocalEtcd(tmp_path_factory.mktemp("etcd"), 1) as c:
         yield c
-    finally:
-        c.stop()
 
 
 @pytest.fixture
