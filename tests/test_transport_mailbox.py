@@ -585,34 +585,49 @@ def _torn_writer(path: str, mode: str, started: MpEvent, stop: MpEvent) -> None:
             ch.release()
 
 
-def _run_torn_reader(tmp_path: Path, mode: str, seconds: float) -> tuple[int, int, int]:
-    """Read while a writer process rewrites the payload; (consistent, torn, retries)."""
-    p = tmp_path / "torn.mbox"
-    create_mailbox(p, TORN_CAP)
+@contextlib.contextmanager
+def _under_writer(
+    path: Path,
+    writer: Callable[[str, str, MpEvent, MpEvent], None],
+    mode: str,
+    capacity: int,
+) -> Iterator[SeqlockChannel]:
+    """The request channel of a fresh mailbox at ``path``, read here while a writer
+    process runs ``writer(path, mode, started, stop)``; the writer is stopped on the way
+    out, even when the reading fails."""
+    create_mailbox(path, TORN_CAP)
     ctx = multiprocessing.get_context("spawn")
     started, stop = ctx.Event(), ctx.Event()
-    writer = ctx.Process(target=_torn_writer, args=(str(p), mode, started, stop))
-    writer.start()
-    good = torn = retries = 0
+    process = ctx.Process(target=writer, args=(str(path), mode, started, stop))
+    process.start()
     try:
         assert started.wait(30)
-        with raw(p) as m:
-            ch = SeqlockChannel(m, mb.REG_REQ_SEQ, 0x1000, TORN_CAP)
-            end = time.perf_counter() + seconds
-            while time.perf_counter() < end:
-                got = ch.read()
-                if got is None:
-                    retries += 1
-                    continue
-                seq, _, data = got
-                if seq and data != U64.pack(seq // 2) * WORDS:
-                    torn += 1  # a mix of two payloads, or a payload under another number
-                else:
-                    good += 1
-            ch.release()
+        with raw(path) as m:
+            ch = SeqlockChannel(m, mb.REG_REQ_SEQ, 0x1000, capacity)
+            try:
+                yield ch
+            finally:
+                ch.release()
     finally:
         stop.set()
-        writer.join(10)
+        process.join(10)
+
+
+def _run_torn_reader(tmp_path: Path, mode: str, seconds: float) -> tuple[int, int, int]:
+    """Read while a writer process rewrites the payload; (consistent, torn, retries)."""
+    good = torn = retries = 0
+    with _under_writer(tmp_path / "torn.mbox", _torn_writer, mode, TORN_CAP) as ch:
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            got = ch.read()
+            if got is None:
+                retries += 1
+                continue
+            seq, _, data = got
+            if seq and data != U64.pack(seq // 2) * WORDS:
+                torn += 1  # a mix of two payloads, or a payload under another number
+            else:
+                good += 1
     return good, torn, retries
 
 
@@ -656,28 +671,15 @@ def _seq_writer(path: str, mode: str, started: MpEvent, stop: MpEvent) -> None:
 def _foreign_seqs(tmp_path: Path, mode: str, reads: int) -> dict[int, int]:
     """Read the sequence register ``reads`` times while a writer process publishes;
     the values seen that the writer never stored, with their counts."""
-    p = tmp_path / "seq.mbox"
-    create_mailbox(p, TORN_CAP)
-    ctx = multiprocessing.get_context("spawn")
-    started, stop = ctx.Event(), ctx.Event()
-    writer = ctx.Process(target=_seq_writer, args=(str(p), mode, started, stop))
-    writer.start()
     stored = {SEQ_A - 1, SEQ_A, SEQ_B - 1, SEQ_B}
     foreign: dict[int, int] = {}
-    try:
-        assert started.wait(30)
-        with raw(p) as m:
-            ch = SeqlockChannel(m, mb.REG_REQ_SEQ, 0x1000, 64)
-            while ch.seq() == 0:  # the writer's first store
-                time.sleep(0.001)
-            for _ in range(reads):
-                v = ch.seq()
-                if v not in stored:
-                    foreign[v] = foreign.get(v, 0) + 1
-            ch.release()
-    finally:
-        stop.set()
-        writer.join(10)
+    with _under_writer(tmp_path / "seq.mbox", _seq_writer, mode, 64) as ch:
+        while ch.seq() == 0:  # the writer's first store
+            time.sleep(0.001)
+        for _ in range(reads):
+            v = ch.seq()
+            if v not in stored:
+                foreign[v] = foreign.get(v, 0) + 1
     return foreign
 
 
