@@ -395,6 +395,30 @@ def test_limits_are_enforced_both_ways() -> None:
         COMMANDS[0xC004].response.build({"total": 0, "next_id": 0, "slices": [{}] * 1025})
 
 
+@pytest.mark.parametrize(("field", "item"), [("cores", 1), ("extents", {"start": 0, "length": 1})])
+def test_list_limits_hold_on_the_fast_path_too(field: str, item: Any) -> None:
+    """One valid item over a list's limit: the fast path declines (and construct names
+    the limit), whether the list is integers (one struct format) or structs (a loop)."""
+    layout = COMMANDS[0xC003].response  # GET: a SLICE, whose alloc has both kinds
+    example = EXAMPLES[0xC003][1]
+    limit = 4096
+    over = {**example, "alloc": {**example["alloc"], field: [item] * (limit + 1)}}
+    assert layout.build_fast(over) is None
+    with pytest.raises(EncodeError, match=f"limit of {limit}") as e:
+        layout.build(over)
+    assert e.value.field == f"slice.alloc.{field}"
+    at_limit = {**example, "alloc": {**example["alloc"], field: [item] * limit}}
+    data = bytearray(layout.build(at_limit))
+    count = data.index((limit).to_bytes(2, "little"))  # the list's u16 count prefix
+    size = 2 if field == "cores" else 16
+    data[count : count + 2] = (limit + 1).to_bytes(2, "little")
+    data[count + 2 : count + 2] = bytes(size)  # the extra item's bytes are there
+    assert layout.parse_fast(bytes(data)) is None
+    with pytest.raises(DecodeError) as d:
+        layout.parse(bytes(data))
+    assert d.value.field == f"slice.alloc.{field}" and d.value.limit == limit
+
+
 @pytest.mark.parametrize(
     "change",
     [
