@@ -30,7 +30,7 @@ from types import MappingProxyType
 from typing import Any, NamedTuple
 
 from abi import fmapi, vendor
-from abi.cci import MAX_PAYLOAD, Category, Message, success_bytes
+from abi.cci import MAX_PAYLOAD, Category, Message, request_bytes, success_bytes
 from abi.errors import DecodeError, EncodeError, UnknownOpcode
 from abi.layout import Layout, Payload
 from abi.retcodes import ReturnCode, error_from_response, error_payload
@@ -254,6 +254,14 @@ BY_NAME: Mapping[str, Command] = MappingProxyType({c.name: c for c in COMMANDS.v
 if len(COMMANDS) != len(_TABLE) or len(BY_NAME) != len(_TABLE):
     raise RuntimeError("abi.commands: duplicate opcode or name in the table")
 
+# lookup()'s table: opcodes and names in one plain dict (a read-only proxy's get() costs
+# more than the rest of a lookup). Enum members read once: see abi.cci.
+_BY_KEY: dict[int | str, Command] = {}
+for _cmd in COMMANDS.values():
+    _BY_KEY[_cmd.opcode] = _BY_KEY[_cmd.name] = _cmd
+_REQUEST, _RESPONSE = Category.REQUEST, Category.RESPONSE
+_SUCCESS, _STARTED = int(ReturnCode.SUCCESS), int(ReturnCode.BACKGROUND_COMMAND_STARTED)
+
 
 def lookup(opcode: int | str) -> Command:
     """The command for an opcode (or a name).
@@ -261,7 +269,7 @@ def lookup(opcode: int | str) -> Command:
     Raises:
         UnknownOpcode: not in the table (the firmware answers *Unsupported*).
     """
-    cmd = BY_NAME.get(opcode) if isinstance(opcode, str) else COMMANDS.get(opcode)
+    cmd = _BY_KEY.get(opcode)
     if cmd is None:
         shown = opcode if isinstance(opcode, str) else f"{opcode:04X}h"
         raise UnknownOpcode("header.opcode", f"unknown opcode {shown}", offset=3)
@@ -305,8 +313,7 @@ def encode_request(
         cmd = lookup(opcode)
     except UnknownOpcode as e:
         raise EncodeError(e.field, e.message) from None
-    body = cmd.request.build(payload)
-    return Message(Category.REQUEST, tag, cmd.opcode, body).encode(max_payload=max_payload)
+    return request_bytes(tag, cmd.opcode, cmd.request.build(payload), max_payload=max_payload)
 
 
 def decode_request(buf: bytes, *, max_payload: int = MAX_PAYLOAD) -> Request:
@@ -318,7 +325,7 @@ def decode_request(buf: bytes, *, max_payload: int = MAX_PAYLOAD) -> Request:
         UnknownOpcode: (a DecodeError) the opcode is not in the table.
     """
     msg = Message.decode(buf, max_payload=max_payload)
-    if msg.category is not Category.REQUEST:
+    if msg.category is not _REQUEST:
         raise DecodeError("header.category", "expected a request", offset=0, expected="0")
     cmd = lookup(msg.opcode)
     return Request(cmd, msg, cmd.request.parse(msg.payload))
@@ -354,14 +361,15 @@ def decode_response(buf: bytes, *, max_payload: int = MAX_PAYLOAD) -> Response:
             that is neither the command's response layout nor an error detail.
     """
     msg = Message.decode(buf, max_payload=max_payload)
-    if msg.category is not Category.RESPONSE:
+    category, _, opcode, payload, rc, vs, _ = msg
+    if category is not _RESPONSE:
         raise DecodeError("header.category", "expected a response", offset=0, expected="1")
-    if msg.return_code not in (ReturnCode.SUCCESS, ReturnCode.BACKGROUND_COMMAND_STARTED):
-        error = error_from_response(msg.return_code, msg.ext_status, msg.payload)
-        return Response(COMMANDS.get(msg.opcode), msg, None, error)
-    cmd = lookup(msg.opcode)
-    if msg.return_code == ReturnCode.SUCCESS:
-        return Response(cmd, msg, cmd.response.parse(msg.payload), None)
+    if rc != _SUCCESS and rc != _STARTED:
+        error = error_from_response(rc, vs, payload)
+        return Response(COMMANDS.get(opcode), msg, None, error)
+    cmd = lookup(opcode)
+    if rc == _SUCCESS:
+        return Response(cmd, msg, cmd.response.parse(payload), None)
     if msg.payload:  # BACKGROUND_COMMAND_STARTED
         raise DecodeError("payload", "a background start carries no payload", offset=12)
     return Response(cmd, msg, None, None)
