@@ -323,19 +323,27 @@ class Message(NamedTuple):
         return Message(_RESPONSE, self.tag, self.opcode, payload, return_code, ext_status)
 
 
+def _plain_bytes(category: int, tag: int, opcode: int, payload: bytes, cap: int) -> bytes | None:
+    """The bytes of a message whose return code, extended status and background bit are
+    zero, or None when a field is not a plain in-range value (:meth:`Message.encode` then
+    names it)."""
+    n = len(payload)
+    if (
+        type(tag) is int and 0 <= tag <= 0xFF
+        and type(opcode) is int and 0 <= opcode <= 0xFFFF
+        and type(payload) is bytes and n <= cap and n <= FORMAT_MAX_PAYLOAD
+    ):  # fmt: skip
+        head = _FAST.pack(category, tag, 0, opcode & 0xFF, opcode >> 8, n & 0xFFFF, n >> 16, 0, 0)
+        return head + payload
+    return None
+
+
 def success_bytes(request: Message, payload: bytes, *, max_payload: int = MAX_PAYLOAD) -> bytes:
     """``request.reply(payload).encode(max_payload=...)``, the bytes of a success
     response, without building the reply first: it is on the path of every answer.
     Raises :class:`EncodeError` as :meth:`Message.encode` does."""
-    tag, opcode, n = request.tag, request.opcode, len(payload)
-    if (
-        type(tag) is int and 0 <= tag <= 0xFF
-        and type(opcode) is int and 0 <= opcode <= 0xFFFF
-        and type(payload) is bytes and n <= max_payload and n <= FORMAT_MAX_PAYLOAD
-    ):  # fmt: skip
-        head = _FAST.pack(1, tag, 0, opcode & 0xFF, opcode >> 8, n & 0xFFFF, n >> 16, 0, 0)
-        return head + payload
-    return request.reply(payload).encode(max_payload=max_payload)
+    data = _plain_bytes(1, request.tag, request.opcode, payload, max_payload)
+    return request.reply(payload).encode(max_payload=max_payload) if data is None else data
 
 
 def request_bytes(
@@ -344,15 +352,10 @@ def request_bytes(
     """``Message(Category.REQUEST, tag, opcode, payload).encode(max_payload=...)``, the
     bytes of a request, without building the message first: a VM sends one per call.
     Raises :class:`EncodeError` as :meth:`Message.encode` does."""
-    n = len(payload)
-    if (
-        type(tag) is int and 0 <= tag <= 0xFF
-        and type(opcode) is int and 0 <= opcode <= 0xFFFF
-        and type(payload) is bytes and n <= max_payload and n <= FORMAT_MAX_PAYLOAD
-    ):  # fmt: skip
-        head = _FAST.pack(0, tag, 0, opcode & 0xFF, opcode >> 8, n & 0xFFFF, n >> 16, 0, 0)
-        return head + payload
-    return Message(_REQUEST, tag, opcode, payload).encode(max_payload=max_payload)
+    data = _plain_bytes(0, tag, opcode, payload, max_payload)
+    if data is None:
+        return Message(_REQUEST, tag, opcode, payload).encode(max_payload=max_payload)
+    return data
 
 
 __all__ = [

@@ -22,6 +22,7 @@ from abi.cci import (
     Category,
     Message,
     check_header,
+    request_bytes,
     success_bytes,
     unpack_raw,
     unpack_raw_reference,
@@ -173,6 +174,28 @@ def test_success_bytes_is_the_encoded_reply(m: Message, payload: bytes) -> None:
     assert success_bytes(m, payload) == m.reply(payload).encode()
     with pytest.raises(EncodeError):
         success_bytes(m, payload + b"x", max_payload=len(payload))
+
+
+@given(st.integers(-2, 0x101), st.integers(-2, 0x10001), st.binary(max_size=64), st.booleans())
+def test_request_bytes_is_the_encoded_request(
+    tag: int, opcode: int, payload: bytes, as_bool: bool
+) -> None:
+    """request_bytes is Message.encode for a request, refusals (out-of-range or bool
+    fields, a payload over the cap) included."""
+    if as_bool:
+        tag = bool(tag & 1)  # a bool is not a tag, even though it packs as one
+    try:
+        expected: bytes | str = Message(Category.REQUEST, tag, opcode, payload).encode()
+    except EncodeError as e:
+        expected = e.field
+    try:
+        got: bytes | str = request_bytes(tag, opcode, payload)
+    except EncodeError as e:
+        got = e.field
+    assert got == expected
+    if isinstance(expected, bytes):
+        with pytest.raises(EncodeError):
+            request_bytes(tag, opcode, payload + b"x", max_payload=len(payload))
 
 
 @given(st.binary(max_size=40))
